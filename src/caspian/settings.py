@@ -1,0 +1,92 @@
+"""One settings object for the whole service: flags override ``CASPIAN_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from caspian.codes import SymbolType
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASPIAN_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Listening address.")
+    port: int = Field(8080, ge=0, le=65535, description="Listening port (0 picks a free one).")
+    data_dir: Path = Field(
+        Path("./caspian-data"),
+        description="Where the SQLite file, recordings and a generated signing key live.",
+    )
+    database_url: str | None = Field(
+        None, description="Store as a SQLAlchemy URL; default a SQLite file in the data directory."
+    )
+    source: str = Field(
+        "simulator",
+        description="Market data source: simulator, replay:PATH or live:EXCHANGE,...",
+    )
+    replay_speed: float = Field(
+        1.0, ge=0, description="Replay pace: 1 = recorded pace, N = N times faster, 0 = at once."
+    )
+    replay_loop: bool = Field(False, description="Start the replay file again at its end.")
+    bus: str = Field("memory", description="Event bus: memory, or a nats:// URL.")
+    token_ttl_s: int = Field(86_400, gt=0, description="Access token lifetime in seconds.")
+    jwt_secret: str | None = Field(
+        None,
+        description="Token signing key; default one generated once and kept in the data directory.",
+    )
+    heartbeat_s: float = Field(
+        15.0, gt=0, description="Ping interval; a ping unanswered by the next ping closes 3006."
+    )
+    max_queue: int = Field(
+        50_000, gt=0, description="Undelivered messages per connection before close 3007."
+    )
+    max_subscriptions: int = Field(
+        100, gt=0, description="Subscriptions per connection before SubscribeResponse 206."
+    )
+    max_message_bytes: int = Field(
+        65_536, gt=0, description="Largest inbound WebSocket message; larger closes with 1009."
+    )
+    max_body_bytes: int = Field(65_536, gt=0, description="Largest REST request body (413).")
+    symbol_types: list[SymbolType] = Field(
+        default_factory=lambda: list(SymbolType),
+        description="Symbol types a Subscribe may use; the others answer 209.",
+    )
+    maintenance: str | None = Field(
+        "SUN 00:15-00:16",
+        description="Weekly maintenance window in GMT, as 'DAY HH:MM-HH:MM'; 'off' disables it.",
+    )
+    auth_max_failures: int = Field(
+        5, gt=0, description="Failed logins per key, user or address before 429."
+    )
+    auth_window_s: float = Field(
+        60.0, gt=0, description="Window in which failed logins count, and the lockout length."
+    )
+    simulator_seed: int = Field(1, description="Seed of the built-in market simulator.")
+    simulator_rate: float = Field(
+        20.0, gt=0, description="Simulator book updates per second per watched symbol."
+    )
+    simulator_outages: bool = Field(
+        False, description="Let the simulator cut its upstream streams now and then."
+    )
+    unwatch_grace_s: float = Field(
+        30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("maintenance")
+    @classmethod
+    def _maintenance(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "off", "none"):
+            return None
+        from caspian.maintenance import MaintenanceWindow
+
+        MaintenanceWindow.parse(value)
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'caspian.db').resolve()}"

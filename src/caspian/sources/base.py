@@ -1,0 +1,28 @@
+"""What every market data source is to the rest of the service."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from caspian.events import Event
+
+EventSink = Callable[[Event], None]
+
+
+class Source(ABC):
+    """Turns the outside world into normalized events.
+
+    The gateway calls :meth:`watch` when a client first wants a symbol and
+    :meth:`unwatch` after the last one left; a source must only spend work on
+    watched symbols. :meth:`run` delivers events to ``sink`` until cancelled.
+    """
+
+    @abstractmethod
+    async def run(self, sink: EventSink) -> None: ...
+
+    @abstractmethod
+    def watch(self, symbol: str) -> None: ...
+
+    @abstractmethod
+    def unwatch(self, symbol: str) -> None: ...

@@ -1,0 +1,41 @@
+"""Timestamps as the API writes them: GMT, ``YYYY-MM-DDTHH:MM:SS.mmmmmm``, no zone suffix.
+
+Inside the service a time is an ``int`` of microseconds since the Unix epoch:
+exact, cheap to compare, and free of float rounding at microsecond precision.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def format_us(us: int) -> str:
+    """``1528445624653000`` -> ``"2018-06-08T08:13:44.653000"``."""
+    return (_EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def format_dt(dt: datetime) -> str:
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def parse_us(text: str) -> int:
+    """Parse an API timestamp (a zone suffix, if any, is honoured; none means GMT)."""
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def us_to_dt(us: int) -> datetime:
+    """A naive GMT datetime, as the store keeps them."""
+    return (_EPOCH + timedelta(microseconds=us)).replace(tzinfo=None)
