@@ -187,17 +187,23 @@ AUTH_ERROR_MESSAGES: dict[AuthErrorCode, str] = {
 
 
 class RestErrorCode(IntEnum):
-    """Codes of reference-data error bodies (4001 is the original's "No exchange specified")."""
+    """The ``code`` of REST error bodies other than authentication's 4000-4003.
 
-    BAD_REQUEST = 4000
+    The original's table gives 400, 401 and 500 as codes, 4001 as "No
+    exchange specified" / "No product specified" and 5001 as "Could not
+    access the database"; the other HTTP statuses reuse their number.
+    """
+
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    NOT_FOUND = 404
+    METHOD_NOT_ALLOWED = 405
+    TOO_LARGE = 413
+    TOO_MANY_REQUESTS = 429
+    INTERNAL = 500
+    MAINTENANCE = 503
     NOTHING_SPECIFIED = 4001
-    UNAUTHORIZED = 4010
-    NOT_FOUND = 4040
-    TOO_LARGE = 4130
-    TOO_MANY_REQUESTS = 4290
     DATABASE = 5001
-    INTERNAL = 5000
-    MAINTENANCE = 5030
 
 
 DATABASE_ERROR_MESSAGE = "Could not access the database"

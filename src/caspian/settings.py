@@ -19,6 +19,10 @@ class Settings(BaseSettings):
         Path("./caspian-data"),
         description="Where the SQLite file, recordings and a generated signing key live.",
     )
+    tls_cert: Path | None = Field(
+        None, description="TLS certificate (PEM); with tls_key, serves https:// and wss://."
+    )
+    tls_key: Path | None = Field(None, description="TLS private key (PEM).")
     database_url: str | None = Field(
         None, description="Store as a SQLAlchemy URL; default a SQLite file in the data directory."
     )

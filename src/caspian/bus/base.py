@@ -1,0 +1,35 @@
+"""The bus between sources and gateways."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from caspian.events import Event
+from caspian.sources.base import EventSink
+
+
+class Bus(ABC):
+    """Carries events from the source to the gateway, and the gateway's interest back.
+
+    ``watch``/``unwatch`` tell the source side which symbols anyone wants;
+    ``publish`` is the source's sink; the gateway's handler receives events of
+    the symbols it watches.
+    """
+
+    def __init__(self) -> None:
+        self.handler: EventSink | None = None
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def publish(self, event: Event) -> None: ...
+
+    @abstractmethod
+    def watch(self, symbol: str) -> None: ...
+
+    @abstractmethod
+    def unwatch(self, symbol: str) -> None: ...

@@ -1,0 +1,55 @@
+"""Where ``caspian products import`` gets ccxt market definitions: a file, or ccxt live."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
+
+_CODES = {code for _, code in EXCHANGES}
+_BY_CCXT_ID = {ccxt_id: code for code, ccxt_id in CCXT_IDS.items()}
+
+
+def resolve_exchange(given: str | None, fallback: str | None) -> str:
+    """A Caspian exchange code from a code (``GDAX``) or a ccxt id (``coinbaseexchange``)."""
+    for candidate in (given, fallback):
+        if not candidate:
+            continue
+        if candidate.upper() in _CODES:
+            return candidate.upper()
+        if candidate.lower() in _BY_CCXT_ID:
+            return _BY_CCXT_ID[candidate.lower()]
+        if candidate is given:
+            raise ValueError(f"unknown exchange {candidate!r}")
+    raise ValueError("name the exchange with --exchange CODE")
+
+
+def markets_from_file(path: Path) -> dict[str, Any]:
+    try:
+        markets = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(markets, dict):
+        raise ValueError(f"{path} is not a ccxt markets object (symbol -> market)")
+    return markets
+
+
+async def fetch_ccxt_markets(code: str, urls: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The exchange's markets through ccxt; ``urls`` overrides its API addresses."""
+    import ccxt.async_support as ccxt_async
+
+    ccxt_id = CCXT_IDS.get(code)
+    if ccxt_id is None:
+        raise ValueError(f"ccxt does not support {code}")
+    exchange = getattr(ccxt_async, ccxt_id)({"enableRateLimit": False, "timeout": 15_000})
+    if urls is not None:
+        exchange.urls["api"] = urls
+    try:
+        markets = await exchange.load_markets()
+    except Exception as exc:
+        raise ValueError(f"could not load {code} markets through ccxt: {exc}") from None
+    finally:
+        await exchange.close()
+    return dict(markets)

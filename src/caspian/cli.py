@@ -1,0 +1,464 @@
+"""The ``caspian`` command: run the service and manage its store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from caspian.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="caspian",
+    help="Caspian: a self-hostable Caspian API v1 market-data service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+users_app = typer.Typer(help="Credential logins and their entitlements.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (Key logins).", no_args_is_help=True)
+products_app = typer.Typer(help="The product catalog.", no_args_is_help=True)
+db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(products_app, name="products")
+app.add_typer(db_app, name="db")
+
+_console = Console()
+
+
+class CliError(Exception):
+    """A failure to report as one line."""
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise _fail(f"invalid settings: {problems}") from None
+
+
+_STORE_OPTIONS: dict[str, Any] = {}
+
+
+@app.callback()
+def _root(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data directory [env: CASPIAN_DATA_DIR]", show_default=False),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Store URL [env: CASPIAN_DATABASE_URL]", show_default=False),
+    ] = None,
+) -> None:
+    _STORE_OPTIONS.update(data_dir=data_dir, database_url=database_url)
+
+
+def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the store the server uses, run ``action`` on it, report failures in one line."""
+    from caspian.store import Store, StoreError
+
+    settings = _settings(**_STORE_OPTIONS)
+
+    async def run() -> T:
+        store = Store(settings.resolved_database_url)
+        try:
+            await store.upgrade()
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except (StoreError, CliError, ValueError, OSError) as exc:
+        raise _fail(str(exc) or type(exc).__name__) from None
+
+
+# -- serve -----------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Listening address [env: CASPIAN_HOST; default 127.0.0.1]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listening port, 0 for any [env: CASPIAN_PORT; default 8080]")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the SQLite file, recordings and signing key live "
+            "[env: CASPIAN_DATA_DIR; default ./caspian-data]"
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Store as a SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@host/db "
+            "[env: CASPIAN_DATABASE_URL; default SQLite in the data directory]"
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="simulator, replay:PATH or live:EXCHANGE,... [env: CASPIAN_SOURCE; "
+            "default simulator]"
+        ),
+    ] = None,
+    replay_speed: Annotated[
+        float | None,
+        typer.Option(help="Replay pace, 1 = recorded, 0 = at once [env: CASPIAN_REPLAY_SPEED]"),
+    ] = None,
+    bus: Annotated[
+        str | None, typer.Option(help="memory or a nats:// URL [env: CASPIAN_BUS; default memory]")
+    ] = None,
+    token_ttl_s: Annotated[
+        int | None,
+        typer.Option(help="Access token lifetime, seconds [env: CASPIAN_TOKEN_TTL_S; 86400]"),
+    ] = None,
+    heartbeat_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Ping interval; unanswered by the next ping closes 3006 "
+            "[env: CASPIAN_HEARTBEAT_S; 15]"
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            help="Undelivered messages per connection before close 3007 "
+            "[env: CASPIAN_MAX_QUEUE; 50000]"
+        ),
+    ] = None,
+    max_subscriptions: Annotated[
+        int | None,
+        typer.Option(
+            help="Subscriptions per connection before 206 [env: CASPIAN_MAX_SUBSCRIPTIONS; 100]"
+        ),
+    ] = None,
+    maintenance: Annotated[
+        str | None,
+        typer.Option(
+            help="Weekly maintenance window in GMT, e.g. 'SUN 00:15-00:16', or 'off' "
+            "[env: CASPIAN_MAINTENANCE; default SUN 00:15-00:16]"
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="TLS certificate, PEM [env: CASPIAN_TLS_CERT]")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="TLS private key, PEM [env: CASPIAN_TLS_KEY]")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [env: CASPIAN_LOG_LEVEL]")
+    ] = None,
+) -> None:
+    """Start the service: REST and the WebSocket stream on one address.
+
+    Every setting also comes from its CASPIAN_* environment variable; a flag wins.
+    """
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir or _STORE_OPTIONS.get("data_dir"),
+        database_url=database_url or _STORE_OPTIONS.get("database_url"),
+        source=source,
+        replay_speed=replay_speed,
+        bus=bus,
+        token_ttl_s=token_ttl_s,
+        heartbeat_s=heartbeat_s,
+        max_queue=max_queue,
+        max_subscriptions=max_subscriptions,
+        maintenance=maintenance,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from caspian.server import Listening
+    from caspian.server import serve as run_server
+    from caspian.store import StoreError
+
+    def ready(listening: Listening) -> None:
+        typer.echo(f"Caspian REST API: {listening.rest_url}", err=False)
+        typer.echo(f"Caspian stream:   {listening.stream_url}")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_server(settings, ready))
+    except KeyboardInterrupt:
+        pass
+    except (StoreError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+# -- users -----------------------------------------------------------------
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Argument(help="The login name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create a Credential login (user and password)."""
+    if not password_stdin:
+        raise _fail("give the password on standard input with --password-stdin")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _fail("the password on standard input is empty")
+
+    async def action(store: Any) -> None:
+        await store.create_user(name, password)
+
+    _with_store(action)
+    typer.echo(f"created user {name}")
+
+
+@users_app.command("list")
+def users_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the users."""
+
+    async def action(store: Any) -> list[Any]:
+        return list(await store.list_users())
+
+    users = _with_store(action)
+    rows = [
+        {
+            "name": user.name,
+            "credential": user.has_password,
+            "exchanges": "ALL" if user.all_exchanges else ",".join(user.exchanges),
+            "created": user.created_time.isoformat(sep=" ", timespec="seconds"),
+        }
+        for user in users
+    ]
+    _print_rows(rows, as_json, "users")
+
+
+def _entitlement(exchange: str | None, all_exchanges: bool) -> str | None:
+    if all_exchanges == (exchange is not None):
+        raise _fail("name one EXCHANGE code, or give --all")
+    return exchange.upper() if exchange else None
+
+
+@users_app.command("grant")
+def users_grant(
+    name: Annotated[str, typer.Argument(help="The user.")],
+    exchange: Annotated[str | None, typer.Argument(help="An exchange code.")] = None,
+    all_exchanges: Annotated[bool, typer.Option("--all", help="Every exchange.")] = False,
+) -> None:
+    """Let a user stream an exchange's products (every user may stream all by default)."""
+    code = _entitlement(exchange, all_exchanges)
+
+    async def action(store: Any) -> Any:
+        if code is not None and code not in {c for _, c in await store.list_exchanges()}:
+            raise CliError(f"unknown exchange {code}")
+        return await store.grant(name, code)
+
+    user = _with_store(action)
+    typer.echo(f"{user.name}: {'ALL' if user.all_exchanges else ','.join(user.exchanges)}")
+
+
+@users_app.command("revoke")
+def users_revoke(
+    name: Annotated[str, typer.Argument(help="The user.")],
+    exchange: Annotated[str | None, typer.Argument(help="An exchange code.")] = None,
+    all_exchanges: Annotated[bool, typer.Option("--all", help="Every exchange.")] = False,
+) -> None:
+    """Stop a user streaming an exchange's products (205 on Subscribe)."""
+    code = _entitlement(exchange, all_exchanges)
+
+    async def action(store: Any) -> Any:
+        return await store.revoke(name, code)
+
+    user = _with_store(action)
+    shown = "ALL" if user.all_exchanges else (",".join(user.exchanges) or "none")
+    typer.echo(f"{user.name}: {shown}")
+
+
+# -- keys ------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="The key's owner (made if missing).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create an API key; its secret is shown this once."""
+
+    async def action(store: Any) -> tuple[Any, str]:
+        result: tuple[Any, str] = await store.create_key(user)
+        return result
+
+    key, secret = _with_store(action)
+    if as_json:
+        typer.echo(json.dumps({"accessKeyID": key.key_id, "secretAccessKey": secret}))
+    else:
+        typer.echo(f"accessKeyID:     {key.key_id}")
+        typer.echo(f"secretAccessKey: {secret}")
+        typer.echo("The secret is shown only now: keep it safe.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the API keys (never their secrets)."""
+
+    async def action(store: Any) -> list[Any]:
+        return list(await store.list_keys())
+
+    rows = [
+        {
+            "accessKeyID": key.key_id,
+            "user": key.user,
+            "created": key.created_time.isoformat(sep=" ", timespec="seconds"),
+            "revoked": key.revoked,
+        }
+        for key in _with_store(action)
+    ]
+    _print_rows(rows, as_json, "keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The accessKeyID.")]) -> None:
+    """Revoke a key: it can no longer log in, and its tokens stop working."""
+
+    async def action(store: Any) -> bool:
+        return bool(await store.revoke_key(key_id))
+
+    if not _with_store(action):
+        raise _fail(f"no key {key_id}")
+    typer.echo(f"revoked {key_id}")
+
+
+# -- products --------------------------------------------------------------
+
+
+@products_app.command("import")
+def products_import(
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A ccxt markets JSON file.")
+    ] = None,
+    exchange: Annotated[
+        str | None,
+        typer.Option("--exchange", help="The Caspian exchange code the file is for."),
+    ] = None,
+    ccxt_id: Annotated[
+        str | None,
+        typer.Option("--ccxt", help="Fetch markets live through ccxt, e.g. --ccxt KRAKEN."),
+    ] = None,
+) -> None:
+    """Load products from ccxt market definitions; re-importing keeps createdTime."""
+    from caspian.catalog.importer import fetch_ccxt_markets, markets_from_file, resolve_exchange
+    from caspian.catalog.ccxt_markets import products_from_ccxt
+
+    if (file is None) == (ccxt_id is None):
+        raise _fail("give either --file PATH (with --exchange) or --ccxt EXCHANGE")
+    try:
+        if file is not None:
+            code = resolve_exchange(exchange, file.stem)
+            markets = markets_from_file(file)
+        else:
+            assert ccxt_id is not None
+            code = resolve_exchange(ccxt_id, None)
+            markets = asyncio.run(fetch_ccxt_markets(code))
+        products = products_from_ccxt(code, markets)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if not products:
+        raise _fail(f"no product could be read for {code}")
+
+    async def action(store: Any) -> tuple[int, int]:
+        from caspian.catalog.exchanges import EXCHANGES
+
+        await store.seed_exchanges(EXCHANGES)
+        result: tuple[int, int] = await store.upsert_products(products)
+        return result
+
+    created, updated = _with_store(action)
+    typer.echo(f"{code}: {created} products created, {updated} updated")
+
+
+@products_app.command("list")
+def products_list(
+    exchange: Annotated[str | None, typer.Option("--exchange", help="An exchange code.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the products, of one exchange or all."""
+
+    async def action(store: Any) -> list[Any]:
+        return list(await store.products([exchange.upper()] if exchange else None))
+
+    records = _with_store(action)
+    if as_json:
+        typer.echo(json.dumps([record.api_dict() for record in records], indent=2))
+        return
+    rows = [
+        {
+            "caspianCode": record.spec.caspian_code,
+            "pseudoCode": record.spec.pseudo_code,
+            "nativeCode": record.spec.native_code,
+            "tickRule": record.spec.tick_rule,
+            "lotSize": record.spec.lot_size,
+        }
+        for record in records
+    ]
+    _print_rows(rows, False, "products")
+
+
+# -- db --------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the store's migrations and load the built-in reference data."""
+    from caspian.service import seed_reference_data
+
+    _with_store(seed_reference_data)
+    typer.echo("the store is up to date")
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, what: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no {what}")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    _console.print(table)
+
+
+def main() -> None:
+    app()

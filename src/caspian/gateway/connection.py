@@ -1,0 +1,369 @@
+"""The socket shell around a :class:`~caspian.gateway.session.Session`.
+
+uvicorn hands every WebSocket upgrade to this asyncio protocol (its ``ws``
+protocol class), so REST and the stream share one address while stream
+frames bypass the ASGI layer. The websockets library's sans-I/O protocol does
+the handshake, inbound frame parsing, pongs and the closing handshake.
+Outbound data frames are written here directly: a server frame is a 2 to 10
+byte header and the payload, and building it by hand is what makes a
+delivery cheap (see ``bench/``).
+
+Writes are gathered during one event-loop turn and flushed together. When the
+client reads too slowly the transport pauses us; messages then wait in a
+bounded backlog, and a backlog of ``max_queue`` messages closes the
+connection with 3007, so a slow client costs bounded memory and never delays
+anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import SEND_EOF, State
+from websockets.server import ServerProtocol
+
+from caspian.codes import CLOSE_REASONS, CloseCode, ProtocolErrorCode
+from caspian.gateway.gateway import Gateway
+from caspian.gateway.session import (
+    Action,
+    Send,
+    Session,
+    Start,
+    Stop,
+    VerifyToken,
+    protocol_error,
+)
+from caspian.timefmt import now_us
+
+log = logging.getLogger(__name__)
+
+STREAM_PATH = "/v1/stream"
+#: How long a closing connection may take to answer before it is cut.
+CLOSE_TIMEOUT_S = 5.0
+#: Messages accepted before authentication completes.
+MAX_EARLY_MESSAGES = 100
+#: Backlogged frames written per transport.write when a paused client resumes.
+_RESUME_BATCH = 256
+
+_TEXT_FIN = 0x81
+_pack16 = struct.Struct("!BBH").pack
+_pack64 = struct.Struct("!BBQ").pack
+
+
+def _text_header(length: int) -> bytes:
+    if length < 126:
+        return bytes((_TEXT_FIN, length))
+    if length < 65_536:
+        return _pack16(_TEXT_FIN, 126, length)
+    return _pack64(_TEXT_FIN, 127, length)
+
+
+def token_from_request(request: Request) -> str | None:
+    """The access token of a stream request: ``?accessToken=`` or ``Authorization``."""
+    query = parse_qs(urlsplit(request.path).query)
+    values = query.get("accessToken")
+    if values and values[0]:
+        return values[0]
+    header = request.headers.get("Authorization", "").strip()
+    if header[:7].lower() == "bearer ":
+        header = header[7:].strip()
+    return header or None
+
+
+class StreamConnection(asyncio.Protocol):
+    def __init__(self, gateway: Gateway, **uvicorn_state: Any) -> None:
+        self._gateway = gateway
+        # uvicorn's registry: its shutdown calls shutdown() on each member.
+        server_state = uvicorn_state.get("server_state")
+        self._uvicorn_connections: set[Any] | None = (
+            server_state.connections if server_state is not None else None
+        )
+        self._ws = ServerProtocol(max_size=gateway.settings.max_message_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._session: Session | None = None
+        self._early: list[bytes] = []
+        self._fragments: list[bytes] = []
+        self._out: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._paused = False
+        self._backlog: deque[bytes] = deque()
+        self._awaiting_pong = False
+        self._closing = False
+        self._expiry: asyncio.TimerHandle | None = None
+        self._abort: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- asyncio.Protocol ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._uvicorn_connections is not None:
+            self._uvicorn_connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._ws.receive_data(data)
+        for event in self._ws.events_received():
+            if isinstance(event, Request):
+                self._on_request(event)
+            else:
+                self._on_frame(event)
+        self._write_protocol_output()
+
+    def eof_received(self) -> bool | None:
+        self._ws.receive_eof()
+        self._write_protocol_output()
+        return None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        transport = self._transport
+        backlog = self._backlog
+        while backlog and not self._paused and transport is not None:
+            batch = [backlog.popleft() for _ in range(min(_RESUME_BATCH, len(backlog)))]
+            transport.write(b"".join(batch))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._end_session()
+        for handle in (self._expiry, self._abort, self._flush_handle):
+            if handle is not None:
+                handle.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self._backlog.clear()
+        self._out.clear()
+        self._gateway.connections.discard(self)
+        if self._uvicorn_connections is not None:
+            self._uvicorn_connections.discard(self)
+        self._transport = None
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping."""
+        self.close(CloseCode.GOING_AWAY)
+
+    # -- handshake ---------------------------------------------------------
+
+    def _on_request(self, request: Request) -> None:
+        path = urlsplit(request.path).path
+        if path != STREAM_PATH:
+            self._ws.send_response(self._ws.reject(404, f"No WebSocket endpoint at {path}\n"))
+            return
+        remaining = self._gateway.in_maintenance()
+        if remaining > 0:
+            response = self._ws.reject(503, "The service is down for maintenance\n")
+            response.headers["Retry-After"] = str(max(1, int(remaining + 0.999)))
+            self._ws.send_response(response)
+            return
+        response = self._ws.accept(request)
+        self._ws.send_response(response)
+        if response.status_code != 101:
+            return
+        self._gateway.connections.add(self)
+        token = token_from_request(request)
+        if token is None:
+            self.close(CloseCode.TOKEN_NOT_FOUND)
+            return
+        self._spawn(self._authenticate(token))
+
+    async def _authenticate(self, token: str) -> None:
+        try:
+            check, close_code = await self._gateway.check_token(token)
+        except Exception:
+            log.exception("could not check a stream token")
+            self.close(CloseCode.INTERNAL)
+            return
+        if close_code is not None:
+            self.close(close_code)
+            return
+        if self._closing:
+            return
+        assert check.user is not None and check.expires_us is not None
+        self._session = Session(
+            check.user,
+            check.exchanges,
+            check.expires_us,
+            self._gateway.settings.limits,
+            self._gateway.resolve,
+        )
+        self._schedule_expiry()
+        early, self._early = self._early, []
+        for message in early:
+            self._on_message(message)
+        self._flush()
+
+    # -- inbound ---------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._on_message(frame.data)
+            else:
+                self._fragments = [frame.data]
+        elif opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                message = b"".join(self._fragments)
+                self._fragments = []
+                self._on_message(message)
+        elif opcode is Opcode.PONG:
+            self._awaiting_pong = False
+
+    def _on_message(self, message: bytes) -> None:
+        if self._closing:
+            return
+        session = self._session
+        if session is None:
+            if len(self._early) < MAX_EARLY_MESSAGES:
+                self._early.append(message)
+            else:
+                self._send(
+                    protocol_error(
+                        ProtocolErrorCode.CANNOT_PROCESS, "Too many messages before authentication"
+                    )
+                )
+            return
+        try:
+            actions = session.receive(message)
+            self._act(actions)
+        except Exception:
+            log.exception("processing a stream message failed")
+            self._send(protocol_error(ProtocolErrorCode.CANNOT_PROCESS))
+
+    def _act(self, actions: list[Action]) -> None:
+        hub = self._gateway.hub
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(action.data)
+            elif isinstance(action, Start):
+                hub.add(action.subscription, self)
+            elif isinstance(action, Stop):
+                hub.remove(action.subscription)
+            elif isinstance(action, VerifyToken):
+                self._spawn(self._refresh(action))
+
+    async def _refresh(self, action: VerifyToken) -> None:
+        try:
+            check, _ = await self._gateway.check_token(action.token)
+        except Exception:
+            log.exception("could not check a refreshed token")
+            self.close(CloseCode.INTERNAL)
+            return
+        session = self._session
+        if session is None or self._closing:
+            return
+        self._act(session.token_checked(action.request_id, check))
+        self._schedule_expiry()
+        self._flush()
+
+    # -- outbound --------------------------------------------------------
+
+    def deliver(self, prefix: bytes, tail: bytes) -> None:
+        self._write(_text_header(len(prefix) + len(tail)) + prefix + tail)
+
+    def _send(self, message: bytes) -> None:
+        self._write(_text_header(len(message)) + message)
+
+    def _write(self, frame: bytes) -> None:
+        if self._closing:
+            return
+        if self._paused:
+            self._backlog.append(frame)
+            if len(self._backlog) >= self._gateway.settings.max_queue:
+                log.info("closing a slow client: %d messages undelivered", len(self._backlog))
+                self.close(CloseCode.QUEUE_LIMIT)
+            return
+        self._out.append(frame)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        out = self._out
+        if not out or self._transport is None:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._transport.write(data)
+
+    def _write_protocol_output(self) -> None:
+        # Pending data frames go first, so a close frame never overtakes them.
+        if not self._paused:
+            self._flush()
+        transport = self._transport
+        for data in self._ws.data_to_send():
+            if transport is None:
+                break
+            if data is SEND_EOF or not data:
+                transport.close()
+                break
+            transport.write(data)
+        if self._ws.close_expected() and self._abort is None and transport is not None:
+            self._abort = self._loop.call_later(CLOSE_TIMEOUT_S, transport.abort)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        if self._closing or self._ws.state is not State.OPEN:
+            return
+        if self._awaiting_pong:
+            self.close(CloseCode.PONG_NOT_RECEIVED)
+            return
+        self._awaiting_pong = True
+        self._ws.send_ping(b"")
+        self._write_protocol_output()
+
+    def close(self, code: CloseCode) -> None:
+        """Close with ``code``; undelivered messages are dropped."""
+        if self._closing:
+            return
+        self._closing = True
+        self._backlog.clear()
+        self._out.clear()
+        self._end_session()
+        if self._ws.state is State.OPEN:
+            self._ws.send_close(int(code), CLOSE_REASONS[code])
+        self._write_protocol_output()
+
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            hub = self._gateway.hub
+            for stop in session.close():
+                hub.remove(stop.subscription)
+
+    def _schedule_expiry(self) -> None:
+        session = self._session
+        if session is None:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = (session.expires_us - now_us()) / 1_000_000
+        self._expiry = self._loop.call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        session = self._session
+        if session is None:
+            return
+        if session.expires_us <= now_us():
+            self.close(CloseCode.TOKEN_EXPIRED)
+        else:
+            self._schedule_expiry()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

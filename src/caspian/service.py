@@ -1,0 +1,187 @@
+"""The running service: every part built from the settings and wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import suppress
+
+from caspian.auth.ratelimit import LoginLimiter
+from caspian.auth.tokens import TokenService, load_or_create_secret
+from caspian.bus.base import Bus
+from caspian.bus.memory import MemoryBus
+from caspian.catalog.builtin import builtin_products
+from caspian.catalog.exchanges import EXCHANGES
+from caspian.catalog.index import Catalog
+from caspian.catalog.product import ProductSpec
+from caspian.codes import CloseCode, SymbolType
+from caspian.gateway.gateway import Gateway, StreamSettings
+from caspian.gateway.hub import Hub
+from caspian.gateway.session import SessionLimits
+from caspian.maintenance import MaintenanceWindow
+from caspian.rest.app import create_app
+from caspian.settings import Settings
+from caspian.sources.base import Source
+from caspian.sources.simulator import SimProduct, Simulator
+from caspian.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+#: How often the catalog is re-read, so products imported while running can be streamed.
+CATALOG_REFRESH_S = 15.0
+
+
+async def seed_reference_data(store: Store) -> None:
+    """The 22 exchanges, and the built-in products of every exchange that has none."""
+    await store.seed_exchanges(EXCHANGES)
+    by_exchange: dict[str, list[ProductSpec]] = {}
+    for product in builtin_products():
+        by_exchange.setdefault(product.exchange, []).append(product)
+    for exchange, products in by_exchange.items():
+        if not await store.has_products(exchange):
+            await store.upsert_products(products)
+
+
+def sim_product(spec: ProductSpec) -> SimProduct:
+    call: bool | None = None
+    if spec.type == "OPT":
+        call = spec.caspian_code.split("=")[0].endswith("-C")
+    return SimProduct(
+        symbol=spec.caspian_code,
+        ccy_from=spec.ccy_from,
+        ccy_to=spec.ccy_to,
+        kind=spec.type,
+        tick=float(spec.tick_size),
+        lot=float(spec.lot_size),
+        strike=float(spec.strike) if spec.strike else None,
+        call=call,
+    )
+
+
+def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]) -> Source:
+    kind = settings.source.partition(":")[0]
+    if kind == "simulator":
+
+        def lookup(symbol: str) -> SimProduct | None:
+            spec = product(symbol)
+            return sim_product(spec) if spec is not None else None
+
+        return Simulator(
+            lookup,
+            seed=settings.simulator_seed,
+            rate=settings.simulator_rate,
+            outages=settings.simulator_outages,
+        )
+    raise ValueError(
+        f"unsupported source {settings.source!r}: this version supports 'simulator'"
+    )
+
+
+def make_bus(settings: Settings, source: Source) -> Bus:
+    if settings.bus == "memory":
+        return MemoryBus(source)
+    raise ValueError(f"unsupported bus {settings.bus!r}: this version supports 'memory'")
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.resolved_database_url)
+        secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
+        self.tokens = TokenService(secret, settings.token_ttl_s)
+        self.limiter = LoginLimiter(settings.auth_max_failures, settings.auth_window_s)
+        self._window = (
+            MaintenanceWindow.parse(settings.maintenance) if settings.maintenance else None
+        )
+        self.catalog = Catalog(())
+        self.source = make_source(settings, self.get)
+        self.bus = make_bus(settings, self.source)
+        self.hub = Hub(self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s)
+        self.bus.handler = self.hub.on_event
+        self.gateway = Gateway(
+            self.hub,
+            self.tokens,
+            self._principal,
+            self._resolve,
+            StreamSettings(
+                heartbeat_s=settings.heartbeat_s,
+                max_queue=settings.max_queue,
+                max_message_bytes=settings.max_message_bytes,
+                limits=SessionLimits(
+                    max_subscriptions=settings.max_subscriptions,
+                    symbol_types=frozenset(settings.symbol_types),
+                ),
+            ),
+            self.maintenance_remaining,
+        )
+        self.rest = create_app(self, settings.max_body_bytes)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # The simulator looks products up through the service, so that it always
+    # sees the catalog as last reloaded.
+    def get(self, caspian_code: str) -> ProductSpec | None:
+        return self.catalog.get(caspian_code)
+
+    def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
+        return self.catalog.resolve(symbol, symbol_type)
+
+    async def _principal(
+        self, kind: str, subject: str
+    ) -> tuple[str, frozenset[str] | None] | None:
+        principal = await self.store.principal(kind, subject)
+        if principal is None:
+            return None
+        return principal.user, principal.exchanges
+
+    def maintenance_remaining(self) -> float:
+        if self._window is None:
+            return 0.0
+        return self._window.remaining_s(time.time())
+
+    async def reload_catalog(self) -> None:
+        records = await self.store.products()
+        self.catalog = Catalog(record.spec for record in records)
+
+    async def start(self) -> None:
+        await self.store.upgrade()
+        await seed_reference_data(self.store)
+        await self.reload_catalog()
+        await self.bus.start()
+        self._tasks = [
+            asyncio.create_task(self.source.run(self.bus.publish), name="caspian-source"),
+            asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
+            asyncio.create_task(self._watch_maintenance(), name="caspian-maintenance"),
+        ]
+        self.gateway.start()
+
+    async def stop(self) -> None:
+        await self.gateway.stop()
+        self.hub.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.bus.stop()
+        await self.store.close()
+
+    async def _refresh_catalog(self) -> None:
+        while True:
+            await asyncio.sleep(CATALOG_REFRESH_S)
+            try:
+                await self.reload_catalog()
+            except StoreError as exc:
+                log.warning("could not reload the catalog: %s", exc)
+
+    async def _watch_maintenance(self) -> None:
+        """Closes every stream connection (1001) when a maintenance window begins."""
+        inside = False
+        while True:
+            now_inside = self.maintenance_remaining() > 0
+            if now_inside and not inside:
+                log.info("maintenance window: closing all stream connections")
+                self.gateway.close_all(CloseCode.GOING_AWAY)
+            inside = now_inside
+            await asyncio.sleep(1.0)

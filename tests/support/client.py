@@ -1,0 +1,87 @@
+"""A small test client for the stream, built on the websockets library as any user's would be."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+Message = dict[str, Any]
+
+
+class StreamClient:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def open(
+        cls, url: str, token: str | None = None, header: str | None = None, **kwargs: Any
+    ) -> StreamClient:
+        if token is not None:
+            url = f"{url}?accessToken={token}"
+        headers = {"Authorization": header} if header is not None else None
+        ws = await connect(
+            url, additional_headers=headers, ping_interval=None, max_size=2**24, **kwargs
+        )
+        return cls(ws)
+
+    async def send(self, type_: str, payload: Any = None, request_id: str | None = None) -> str:
+        request_id = request_id or str(uuid.uuid4())
+        message: Message = {"requestId": request_id, "type": type_}
+        if payload is not None:
+            message["payload"] = payload
+        await self.ws.send(orjson.dumps(message).decode())
+        return request_id
+
+    async def recv(self, timeout: float = 10) -> Message:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        message: Message = orjson.loads(raw)
+        return message
+
+    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10) -> Message:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError("no matching message arrived")
+            message = await self.recv(remaining)
+            if predicate(message):
+                return message
+
+    async def response(self, request_id: str, timeout: float = 10) -> Message:
+        return await self.wait_for(
+            lambda m: m.get("requestId") == request_id and m["type"].endswith("Response"),
+            timeout,
+        )
+
+    async def subscribe(self, symbol: str, type_: str = "Level1", **options: Any) -> str:
+        request_id = await self.send("Subscribe", {"symbol": symbol, "type": type_, **options})
+        response = await self.response(request_id)
+        assert response["payload"]["code"] == 200, response
+        return request_id
+
+    async def closed_with(self, timeout: float = 10) -> int | None:
+        """Read until the server closes; the close code it sent."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def apply_level2(book: dict[tuple[str, float], float], message: Message) -> None:
+    for level in message["payload"]:
+        key = (level["side"], float(level["price"]))
+        if level["size"] == 0:
+            book.pop(key, None)
+        else:
+            book[key] = float(level["size"])

@@ -1,0 +1,311 @@
+"""The session protocol state machine, tested directly (no socket)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from caspian.catalog.product import ProductSpec
+from caspian.codes import SubscriptionType, SymbolType, TokenRefreshCode
+from caspian.gateway.session import (
+    Send,
+    Session,
+    SessionLimits,
+    Start,
+    Stop,
+    TokenCheck,
+    VerifyToken,
+)
+
+GEMINI = ProductSpec(
+    exchange="GEMINI",
+    type="FX",
+    caspian_code="FX-ETH/USD=GEMINI",
+    pseudo_code="ETHUSD=GEMINI",
+    tora_code="ETH/USD",
+    tora_market="GEMINI",
+    native_code="ethusd",
+    native_code_v2="ETH/USD",
+    ccy_from="ETH",
+    ccy_to="USD",
+    description="Ethereum - US Dollar - FX pair",
+    lot_size="0.000001",
+    tick_size="0.01",
+    tick_rule=",,0.01",
+)
+BITMEX = ProductSpec(
+    exchange="BITMEX",
+    type="PERP",
+    caspian_code="PERP-BTC/USD=BITMEX",
+    pseudo_code="BTCUSDPERP=BITMEX",
+    tora_code="BTC/USD-PERP",
+    tora_market="BITMEX",
+    native_code="XBTUSD",
+    native_code_v2="BTC/USD:BTC",
+    ccy_from="BTC",
+    ccy_to="USD",
+    description="Bitcoin - US Dollar - Perpetual swap",
+    lot_size="1",
+    tick_size="0.5",
+    tick_rule=",,0.5",
+)
+PRODUCTS = {
+    SymbolType.CASPIAN: {p.caspian_code: p for p in (GEMINI, BITMEX)},
+    SymbolType.PSEUDO: {p.pseudo_code: p for p in (GEMINI, BITMEX)},
+    SymbolType.TORA: {f"{p.tora_code}.{p.tora_market}": p for p in (GEMINI, BITMEX)},
+}
+
+
+def resolve(symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
+    return PRODUCTS[symbol_type].get(symbol)
+
+
+def make(
+    exchanges: frozenset[str] | None = None,
+    max_subscriptions: int = 100,
+    symbol_types: frozenset[SymbolType] = frozenset(SymbolType),
+) -> Session:
+    return Session(
+        "alice", exchanges, 10**18, SessionLimits(max_subscriptions, symbol_types), resolve
+    )
+
+
+def sent(actions: list[Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(action.data) for action in actions if isinstance(action, Send)]
+
+
+def subscribe(request_id: str = "r1", **payload: Any) -> bytes:
+    body = {"symbol": GEMINI.caspian_code, "type": "Level1"} | payload
+    return orjson.dumps({"requestId": request_id, "type": "Subscribe", "payload": body})
+
+
+def code_of(actions: list[Any]) -> int:
+    (message,) = sent(actions)
+    return int(message["payload"]["code"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", 100),
+        (b"[1, 2]", 100),
+        (b'"text"', 100),
+        (b'{"type": "Subscribe", "payload": {}}', 101),
+        (b'{"requestId": "", "type": "Subscribe"}', 101),
+        (b'{"requestId": 7, "type": "Subscribe"}', 101),
+        (b'{"requestId": "N/A", "type": "Subscribe"}', 101),
+        (b'{"requestId": "r", "payload": {}}', 102),
+        (b'{"requestId": "r", "type": "Bogus"}', 103),
+        (b'{"requestId": "r", "type": "Level1"}', 103),
+        (b'{"requestId": "r", "type": 5}', 103),
+        (b'{"requestId": "r", "type": "TokenRefresh", "payload": {}}', 104),
+        (b'{"requestId": "r", "type": "TokenRefresh"}', 104),
+        (b'{"requestId": "r", "type": "Unsubscribe", "payload": {"x": 1}}', 105),
+    ],
+)
+def test_protocol_errors(raw: bytes, code: int) -> None:
+    session = make()
+    (message,) = sent(session.receive(raw))
+    assert message["requestId"] == "N/A"
+    assert message["type"] == "ProtocolError"
+    assert message["payload"]["code"] == code
+    assert message["payload"]["message"]
+
+
+def test_overlong_request_id_is_refused() -> None:
+    (message,) = sent(make().receive(subscribe("x" * 129)))
+    assert message["payload"]["code"] == 101
+
+
+def test_subscribe_ok_response_precedes_start() -> None:
+    session = make()
+    actions = session.receive(subscribe("r1", extra="ignored"))
+    assert isinstance(actions[0], Send) and isinstance(actions[1], Start)
+    message = orjson.loads(actions[0].data)
+    assert message == {
+        "requestId": "r1",
+        "type": "SubscribeResponse",
+        "payload": {"code": 200, "message": "All OK"},
+    }
+    subscription = actions[1].subscription
+    assert subscription.product is GEMINI
+    assert subscription.type is SubscriptionType.LEVEL1
+    assert subscription.conflation == "330ms"
+    assert subscription.interval == 0.33
+    assert subscription.prefix == b'{"requestId":"r1",'
+
+
+def test_subscription_prefix_escapes_the_request_id() -> None:
+    session = make()
+    actions = session.receive(subscribe('a"b\\c'))
+    start = actions[1]
+    assert isinstance(start, Start)
+    message = orjson.loads(start.subscription.prefix + b'"type":"Level1"}')
+    assert message["requestId"] == 'a"b\\c'
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"type": "Level3"}, 203),
+        ({"type": None}, 203),
+        ({"symbol": "FX-NOPE/USD=GEMINI"}, 202),
+        ({"symbol": 17}, 202),
+        ({"symbol": ""}, 202),
+        ({"symbolType": "Bloomberg"}, 207),
+        ({"symbolType": 3}, 207),
+        ({"type": "Level2", "numberOfLevels": 0}, 208),
+        ({"type": "Level2", "numberOfLevels": 101}, 208),
+        ({"type": "Level2", "numberOfLevels": "20"}, 208),
+        ({"type": "Level2", "numberOfLevels": True}, 208),
+        ({"type": "Level2", "numberOfLevels": 2.5}, 208),
+        ({"conflation": "2s"}, 203),
+        ({"conflation": None}, 203),
+    ],
+)
+def test_subscribe_refusals(payload: dict[str, Any], code: int) -> None:
+    session = make()
+    actions = session.receive(subscribe("r1", **payload))
+    assert code_of(actions) == code
+    assert not session.subscriptions
+
+
+def test_bad_conflation_message_names_the_choices() -> None:
+    (message,) = sent(make().receive(subscribe("r1", conflation="2s")))
+    assert "250ms" in message["payload"]["message"]
+
+
+@pytest.mark.parametrize("levels", [1, 20, 100])
+def test_levels_accepted(levels: int) -> None:
+    actions = make().receive(subscribe("r1", type="Level2", numberOfLevels=levels))
+    assert isinstance(actions[1], Start)
+    assert actions[1].subscription.levels == levels
+
+
+def test_all_conflations_accepted() -> None:
+    session = make()
+    for index, name in enumerate(["None", "250ms", "330ms", "500ms", "1s", "3s", "5s"]):
+        symbol = GEMINI.caspian_code if index % 2 else BITMEX.caspian_code
+        kind = "Level1" if index < 3 else "Level2"
+        session.subscriptions.clear()
+        session._by_stream.clear()
+        actions = session.receive(subscribe(f"r{index}", symbol=symbol, type=kind, conflation=name))
+        assert code_of(actions[:1]) == 200, name
+
+
+def test_symbol_types() -> None:
+    session = make()
+    assert code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))[:1]) == 200
+    assert (
+        code_of(session.receive(subscribe("b", symbol="BTC/USD-PERP.BITMEX", symbolType="Tora"))[:1])
+        == 200
+    )
+    # A Caspian code given as a Pseudo code is not a Pseudo code.
+    assert code_of(session.receive(subscribe("c", symbol=GEMINI.caspian_code, symbolType="Pseudo"))) == 202
+
+
+def test_symbol_type_switched_off_is_209() -> None:
+    session = make(symbol_types=frozenset({SymbolType.CASPIAN}))
+    assert code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))) == 209
+    assert code_of(session.receive(subscribe("b"))[:1]) == 200
+
+
+def test_entitlement_205() -> None:
+    session = make(exchanges=frozenset({"BITMEX"}))
+    assert code_of(session.receive(subscribe("a"))) == 205
+    assert code_of(session.receive(subscribe("b", symbol=BITMEX.caspian_code))[:1]) == 200
+
+
+def test_duplicate_request_id_201_and_same_stream_204() -> None:
+    session = make()
+    assert code_of(session.receive(subscribe("r1"))[:1]) == 200
+    assert code_of(session.receive(subscribe("r1", symbol=BITMEX.caspian_code))) == 201
+    # Same symbol and type is 204 whatever the levels or conflation.
+    assert code_of(session.receive(subscribe("r2", conflation="None"))) == 204
+    assert code_of(session.receive(subscribe("r3", type="Level2"))[:1]) == 200
+    assert code_of(session.receive(subscribe("r4", type="Level2", numberOfLevels=5))) == 204
+
+
+def test_subscription_limit_206() -> None:
+    session = make(max_subscriptions=2)
+    assert code_of(session.receive(subscribe("a"))[:1]) == 200
+    assert code_of(session.receive(subscribe("b", type="Level2"))[:1]) == 200
+    assert code_of(session.receive(subscribe("c", symbol=BITMEX.caspian_code))) == 206
+
+
+def test_unsubscribe_codes_and_stop_before_response() -> None:
+    session = make()
+    start = session.receive(subscribe("r1"))[1]
+    assert isinstance(start, Start)
+    unsubscribe = orjson.dumps(
+        {"requestId": "u1", "type": "Unsubscribe", "payload": {"subscribeRequestId": "r1"}}
+    )
+    actions = session.receive(unsubscribe)
+    assert isinstance(actions[0], Stop) and actions[0].subscription is start.subscription
+    assert code_of(actions[1:]) == 300
+    assert code_of(session.receive(unsubscribe)) == 301
+    # The requestId may be used again once its subscription ended.
+    assert code_of(session.receive(subscribe("r1"))[:1]) == 200
+    duplicate = orjson.dumps(
+        {"requestId": "r1", "type": "Unsubscribe", "payload": {"subscribeRequestId": "r1"}}
+    )
+    assert code_of(session.receive(duplicate)) == 302
+
+
+def test_token_refresh_flow() -> None:
+    session = make()
+    refresh = orjson.dumps(
+        {"requestId": "t1", "type": "TokenRefresh", "payload": {"accessToken": "tok"}}
+    )
+    (verify,) = session.receive(refresh)
+    assert verify == VerifyToken("t1", "tok")
+    # While it is being checked, its requestId is in use.
+    assert code_of(session.receive(refresh)) == 204
+    (response,) = sent(
+        session.token_checked("t1", TokenCheck(TokenRefreshCode.OK, "alice", 42, frozenset({"X"})))
+    )
+    assert response == {
+        "requestId": "t1",
+        "type": "TokenRefreshResponse",
+        "payload": {"code": 200, "message": "All OK"},
+    }
+    assert session.expires_us == 42
+    assert session.exchanges == frozenset({"X"})
+
+
+@pytest.mark.parametrize(
+    ("check", "code"),
+    [
+        (TokenCheck(TokenRefreshCode.INVALID), 202),
+        (TokenCheck(TokenRefreshCode.EXPIRED), 203),
+        (TokenCheck(TokenRefreshCode.OK, "mallory", 99, None), 202),
+    ],
+)
+def test_token_refresh_failures_keep_the_old_expiry(check: TokenCheck, code: int) -> None:
+    session = make()
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    assert code_of(session.token_checked("t", check)) == code
+    assert session.expires_us == 10**18
+
+
+def test_token_refresh_with_subscription_id_is_204() -> None:
+    session = make()
+    session.receive(subscribe("r1"))
+    actions = session.receive(
+        orjson.dumps({"requestId": "r1", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    assert code_of(actions) == 204
+
+
+def test_close_stops_everything() -> None:
+    session = make()
+    session.receive(subscribe("a"))
+    session.receive(subscribe("b", type="Level2"))
+    stops = session.close()
+    assert {stop.subscription.request_id for stop in stops} == {"a", "b"}
+    assert not session.subscriptions
+    assert code_of(session.receive(subscribe("a"))[:1]) == 200

@@ -1,0 +1,484 @@
+"""The real-time stream over real sockets against the started service."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from caspian.codes import Stream, StreamState
+from caspian.events import StatusEvent
+from caspian.timefmt import now_us
+from tests.support.client import StreamClient, apply_level2
+from tests.support.service import RunningService, start_service
+
+SYMBOL = "FX-BTC/USD=GEMINI"
+OTHER = "FX-ETH/USD=GEMINI"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
+
+
+async def client(service: RunningService, user: str = "alice") -> StreamClient:
+    return await StreamClient.open(service.stream_url, await asyncio.to_thread(service.token, user))
+
+
+# -- connection ------------------------------------------------------------
+
+
+async def test_no_token_closes_3000(service: RunningService) -> None:
+    c = await StreamClient.open(service.stream_url)
+    assert await c.closed_with() == 3000
+
+
+async def test_invalid_token_closes_3001(service: RunningService) -> None:
+    c = await StreamClient.open(service.stream_url, "not-a-token")
+    assert await c.closed_with() == 3001
+
+
+async def test_forged_token_closes_3001(service: RunningService) -> None:
+    import jwt
+
+    forged = jwt.encode(
+        {"sub": "X", "iss": "Caspian Tech", "iat": 1, "exp": 2**31, "jti": "j", "knd": "key",
+         "usr": "alice"},
+        "another-secret-that-is-long-enough-to-sign",
+        algorithm="HS256",
+    )
+    c = await StreamClient.open(service.stream_url, forged)
+    assert await c.closed_with() == 3001
+
+
+async def test_revoked_key_token_closes_3001(service: RunningService) -> None:
+    key_id, secret = await asyncio.to_thread(service.key, "revokee")
+    response = await asyncio.to_thread(
+        httpx.post,
+        f"{service.base_url}/v1/auth/authenticate",
+        json={"type": "Key", "payload": {"accessKeyID": key_id, "secretAccessKey": secret}},
+    )
+    token = response.json()["accessToken"]
+    await asyncio.to_thread(service.call, service.listening.service.store.revoke_key(key_id))
+    c = await StreamClient.open(service.stream_url, token)
+    assert await c.closed_with() == 3001
+
+
+@pytest.mark.parametrize("scheme", ["", "Bearer "])
+async def test_token_in_authorization_header(service: RunningService, scheme: str) -> None:
+    token = await asyncio.to_thread(service.token)
+    c = await StreamClient.open(service.stream_url, header=f"{scheme}{token}")
+    request_id = await c.subscribe(SYMBOL)
+    first = await c.wait_for(lambda m: m["type"] == "Level1")
+    assert first["requestId"] == request_id
+    await c.close()
+
+
+async def test_other_paths_are_not_streams(service: RunningService) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        await connect(service.stream_url.replace("/v1/stream", "/v1/other"))
+    assert info.value.response.status_code == 404
+
+
+# -- protocol errors -------------------------------------------------------
+
+
+async def test_protocol_errors_keep_the_connection(service: RunningService) -> None:
+    c = await client(service)
+    cases: list[tuple[bytes, int]] = [
+        (b"{nope", 100),
+        (b'{"type": "Subscribe"}', 101),
+        (b'{"requestId": "a"}', 102),
+        (b'{"requestId": "a", "type": "Nope"}', 103),
+        (b'{"requestId": "a", "type": "TokenRefresh", "payload": {}}', 104),
+        (b'{"requestId": "a", "type": "Unsubscribe", "payload": {}}', 105),
+    ]
+    for raw, code in cases:
+        await c.ws.send(raw.decode())
+        message = await c.recv()
+        assert message == {
+            "requestId": "N/A",
+            "type": "ProtocolError",
+            "payload": {"code": code, "message": message["payload"]["message"]},
+        }
+        assert message["payload"]["message"]
+    await c.subscribe(SYMBOL)
+    await c.close()
+
+
+async def test_binary_and_fragmented_messages_are_read(service: RunningService) -> None:
+    c = await client(service)
+    payload = orjson.dumps(
+        {"requestId": "frag", "type": "Subscribe", "payload": {"symbol": SYMBOL, "type": "Level1"}}
+    ).decode()
+    await c.ws.send(iter([payload[:10], payload[10:30], payload[30:]]))
+    assert (await c.response("frag"))["payload"]["code"] == 200
+    await c.ws.send(orjson.dumps({"requestId": "bin", "type": "Nope"}))
+    assert (await c.wait_for(lambda m: m["type"] == "ProtocolError"))["payload"]["code"] == 103
+    await c.close()
+
+
+async def test_oversized_message_closes_1009(service: RunningService) -> None:
+    c = await client(service)
+    await c.ws.send("x" * (service.settings.max_message_bytes + 1))
+    assert await c.closed_with() == 1009
+
+
+# -- subscriptions ---------------------------------------------------------
+
+
+async def test_subscribe_response_codes(tmp_path: Path) -> None:
+    running = start_service(tmp_path, max_subscriptions=3, symbol_types=["Caspian", "Tora"])
+    try:
+        store = running.listening.service.store
+        await asyncio.to_thread(running.call, store.revoke("limited", None))
+        c = await StreamClient.open(
+            running.stream_url, await asyncio.to_thread(running.token, "alice")
+        )
+
+        async def code(payload: dict[str, Any], request_id: str | None = None) -> int:
+            rid = await c.send("Subscribe", payload, request_id)
+            return int((await c.response(rid))["payload"]["code"])
+
+        assert await code({"symbol": SYMBOL, "type": "Level1"}, "one") == 200
+        assert await code({"symbol": OTHER, "type": "Level1"}, "one") == 201
+        assert await code({"symbol": "FX-NOT/THERE=GEMINI", "type": "Level1"}) == 202
+        assert await code({"symbol": SYMBOL, "type": "Level9"}) == 203
+        assert await code({"symbol": SYMBOL, "type": "Level1", "conflation": "7s"}) == 203
+        assert await code({"symbol": SYMBOL, "type": "Level1", "conflation": "None"}) == 204
+        assert await code({"symbol": SYMBOL, "type": "Level1", "symbolType": "Isin"}) == 207
+        assert await code({"symbol": SYMBOL, "type": "Level2", "numberOfLevels": 101}) == 208
+        assert await code({"symbol": "BTCUSD=GEMINI", "type": "Level1", "symbolType": "Pseudo"}) == 209
+        assert await code({"symbol": "BTC/USD.GEMINI", "type": "Level2", "symbolType": "Tora"}) == 200
+        assert await code({"symbol": OTHER, "type": "Level1"}) == 200
+        assert await code({"symbol": OTHER, "type": "Level2"}) == 206
+        await c.close()
+        limited = await StreamClient.open(
+            running.stream_url, await asyncio.to_thread(running.token, "limited")
+        )
+        rid = await limited.send("Subscribe", {"symbol": SYMBOL, "type": "Level1"})
+        assert (await limited.response(rid))["payload"]["code"] == 205
+        await limited.close()
+    finally:
+        running.stop()
+
+
+async def test_level1_fields(service: RunningService) -> None:
+    c = await client(service)
+    request_id = await c.subscribe(SYMBOL, "Level1", conflation="None")
+    first = await c.wait_for(lambda m: m["type"] == "Level1")
+    assert first["requestId"] == request_id
+    assert first["bboStream"] in ("connected", "disconnected")
+    assert first["tradeStream"] in ("connected", "disconnected")
+    seen: dict[str, Any] = {}
+    deadline = time.monotonic() + 20
+    while not {"tradePrice", "tradeId", "exchangeSpecificInfo", "ask"} <= set(seen):
+        assert time.monotonic() < deadline, f"fields seen: {sorted(seen)}"
+        message = await c.wait_for(lambda m: m["type"] == "Level1")
+        assert set(message) == {"requestId", "type", "bboStream", "tradeStream", "payload"}
+        seen.update(message["payload"])
+    assert seen["bid"] < seen["ask"]
+    assert seen["bidSize"] > 0 and seen["askSize"] > 0
+    for stamp in ("bboCaspianTimestamp", "bboExchangeTimestamp", "tradeCaspianTimestamp",
+                  "tradeExchangeTimestamp"):
+        assert TIMESTAMP.match(seen[stamp]), stamp
+    assert isinstance(seen["tradeId"], str)
+    assert seen["exchangeSpecificInfo"]["side"] in ("BUY", "SELL")
+    assert seen["tradePrice"] > 0 and seen["tradeSize"] > 0
+    await c.close()
+
+
+async def test_level2_book_matches_the_server(service: RunningService) -> None:
+    """A client applying every message holds exactly the server's top N levels."""
+    symbol = "FX-LTC/USD=GEMINI"
+    c = await client(service)
+    request_id = await c.subscribe(symbol, "Level2", numberOfLevels=7, conflation="None")
+    book: dict[tuple[str, float], float] = {}
+    first_full: dict[str, Any] | None = None
+    for _ in range(200):
+        message = await c.wait_for(lambda m: m["type"] == "Level2")
+        assert message["requestId"] == request_id
+        assert message["depthStream"] in ("connected", "disconnected")
+        assert TIMESTAMP.match(message["caspianTimestamp"])
+        if first_full is None and message["payload"]:
+            first_full = message
+        apply_level2(book, message)
+        assert sum(1 for side, _ in book if side == "bid") <= 7
+        assert sum(1 for side, _ in book if side == "ask") <= 7
+    assert first_full is not None
+    sides = {level["side"] for level in first_full["payload"]}
+    assert sides == {"bid", "ask"}
+    assert len(first_full["payload"]) == 14
+    # Stop the market for this symbol, drain, then compare with the server's view.
+    hub = service.listening.service.hub
+    service.loop.call_soon_threadsafe(service.listening.service.source.unwatch, symbol)
+    await asyncio.sleep(0.5)
+    while True:
+        try:
+            apply_level2(book, await c.recv(0.3))
+        except TimeoutError:
+            break
+
+    async def server_view() -> Any:
+        return hub.symbols[symbol].book.top(7)
+
+    view = await asyncio.to_thread(service.call, server_view())
+    expected = {("bid", p): s for p, s in view.bids} | {("ask", p): s for p, s in view.asks}
+    assert book == expected
+    await c.close()
+
+
+async def test_unsubscribe_stops_updates(service: RunningService) -> None:
+    c = await client(service)
+    request_id = await c.subscribe(SYMBOL, "Level2", conflation="None")
+    await c.wait_for(lambda m: m["type"] == "Level2" and bool(m["payload"]))
+    unsubscribe = await c.send("Unsubscribe", {"subscribeRequestId": request_id})
+    response = await c.response(unsubscribe)
+    assert response["payload"] == {"code": 300, "message": "All OK"}
+    again = await c.send("Unsubscribe", {"subscribeRequestId": request_id})
+    assert (await c.response(again))["payload"]["code"] == 301
+    other = await c.subscribe(OTHER, "Level1", conflation="None")
+    duplicate = await c.send("Unsubscribe", {"subscribeRequestId": "whatever"}, other)
+    assert (await c.response(duplicate))["payload"]["code"] == 302
+    deadline = asyncio.get_running_loop().time() + 1.5
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            message = await c.recv(0.2)
+        except TimeoutError:
+            continue
+        assert message.get("requestId") != request_id
+    await c.close()
+
+
+@pytest.mark.parametrize(("conflation", "interval"), [("250ms", 0.25), ("1s", 1.0)])
+async def test_conflation_spacing(service: RunningService, conflation: str, interval: float) -> None:
+    c = await client(service)
+    request_id = await c.subscribe(SYMBOL, "Level2", conflation=conflation)
+    await c.wait_for(lambda m: m["type"] == "Level2")
+    stamps: list[float] = []
+    loop = asyncio.get_running_loop()
+    while len(stamps) < 4:
+        message = await c.wait_for(lambda m: m["type"] == "Level2", timeout=interval * 4 + 5)
+        assert message["requestId"] == request_id
+        assert message["payload"], "a conflated update is sent only when something changed"
+        stamps.append(loop.time())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    # Network jitter can only bunch messages by a little, never halve the interval.
+    assert min(gaps) > interval * 0.7, gaps
+    await c.close()
+
+
+async def test_status_change_is_sent_at_once(service: RunningService) -> None:
+    symbol = "FX-BTC/EUR=GEMINI"
+    c = await client(service)
+    l1 = await c.subscribe(symbol, "Level1", conflation="5s")
+    l2 = await c.subscribe(symbol, "Level2", conflation="5s")
+    await asyncio.sleep(0.5)
+    hub = service.listening.service.hub
+
+    def inject(stream: Stream) -> None:
+        hub.on_event(StatusEvent(symbol, now_us(), stream, StreamState.DISCONNECTED))
+
+    started = time.monotonic()
+    service.loop.call_soon_threadsafe(inject, Stream.DEPTH)
+    depth = await c.wait_for(
+        lambda m: m["requestId"] == l2 and m.get("depthStream") == "disconnected", timeout=3
+    )
+    assert depth["payload"] == []
+    service.loop.call_soon_threadsafe(inject, Stream.TRADE)
+    trade = await c.wait_for(
+        lambda m: m["requestId"] == l1 and m.get("tradeStream") == "disconnected", timeout=3
+    )
+    assert trade["type"] == "Level1"
+    assert time.monotonic() - started < 2
+    await c.close()
+
+
+# -- token lifetime --------------------------------------------------------
+
+
+async def test_token_expiry_and_refresh(tmp_path: Path) -> None:
+    running = start_service(tmp_path, token_ttl_s=2)
+    try:
+        token = await asyncio.to_thread(running.token)
+        # An expired token is refused with 3002.
+        await asyncio.sleep(2.2)
+        stale = await StreamClient.open(running.stream_url, token)
+        assert await stale.closed_with() == 3002
+        c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+        refresh = await c.send("TokenRefresh", {"accessToken": "garbage"})
+        assert (await c.response(refresh))["payload"]["code"] == 202
+        expired = await c.send("TokenRefresh", {"accessToken": token})
+        assert (await c.response(expired))["payload"]["code"] == 203
+        await c.subscribe(SYMBOL, "Level1", conflation="None")
+        # Refresh with new tokens for 3 s while the original would have expired at 2 s.
+        for _ in range(3):
+            new_token = await asyncio.to_thread(running.token)
+            rid = await c.send("TokenRefresh", {"accessToken": new_token})
+            response = await c.response(rid)
+            assert response["payload"] == {"code": 200, "message": "All OK"}
+            await asyncio.sleep(1.0)
+        # Then stop refreshing: the connection is closed when the last token expires.
+        assert await c.closed_with(timeout=5) == 3002
+    finally:
+        running.stop()
+
+
+async def test_token_refresh_duplicate_request_id(service: RunningService) -> None:
+    c = await client(service)
+    request_id = await c.subscribe(SYMBOL)
+    token = await asyncio.to_thread(service.token)
+    rid = await c.send("TokenRefresh", {"accessToken": token}, request_id)
+    assert (await c.response(rid))["payload"]["code"] == 204
+    await c.close()
+
+
+# -- heartbeat, slow clients, maintenance, faults ------------------------------
+
+
+async def test_unanswered_ping_closes_3006(tmp_path: Path) -> None:
+    running = start_service(tmp_path, heartbeat_s=0.5)
+    try:
+        token = await asyncio.to_thread(running.token)
+        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
+        protocol.send_request(protocol.connect())
+        for data in protocol.data_to_send():
+            writer.write(data)
+        # Read frames but never send the pongs the protocol prepares.
+        started = time.monotonic()
+        close_code = None
+        pings = 0
+        while time.monotonic() - started < 5 and close_code is None:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            protocol.receive_data(data)
+            protocol.data_to_send()
+            for event in protocol.events_received():
+                opcode = getattr(event, "opcode", None)
+                if opcode is not None and opcode.name == "PING":
+                    pings += 1
+                if opcode is not None and opcode.name == "CLOSE":
+                    close_code = protocol.close_rcvd.code if protocol.close_rcvd else None
+        writer.close()
+        assert pings >= 1
+        assert close_code == 3006
+        # A client that answers pings (the websockets default) stays connected.
+        c = await StreamClient.open(running.stream_url, token)
+        await c.subscribe(SYMBOL)
+        await asyncio.sleep(1.6)
+        await c.ws.ping()
+        assert c.ws.close_code is None
+        await c.close()
+    finally:
+        running.stop()
+
+
+async def test_slow_client_is_closed_3007_and_others_continue(tmp_path: Path) -> None:
+    running = start_service(tmp_path, max_queue=200, simulator_rate=100.0)
+    try:
+        token = await asyncio.to_thread(running.token)
+        symbols = [
+            p.caspian_code for p in list(running.listening.service.catalog)[:30]
+        ]
+        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
+        import socket
+
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((host, int(port)))
+        raw.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=raw)
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
+        protocol.send_request(protocol.connect())
+        for data in protocol.data_to_send():
+            writer.write(data)
+        handshake = await reader.readuntil(b"\r\n\r\n")
+        assert b" 101 " in handshake
+        for index, symbol in enumerate(symbols):
+            protocol.send_text(
+                orjson.dumps(
+                    {"requestId": f"s{index}", "type": "Subscribe",
+                     "payload": {"symbol": symbol, "type": "Level2", "numberOfLevels": 100,
+                                 "conflation": "None"}}
+                )
+            )
+        for data in protocol.data_to_send():
+            writer.write(data)
+        await writer.drain()
+        # A healthy client on the same symbols keeps getting updates meanwhile.
+        healthy = await StreamClient.open(running.stream_url, token)
+        await healthy.subscribe(symbols[0], "Level2", conflation="None")
+        connection_count = lambda: len(running.listening.service.gateway.connections)  # noqa: E731
+        deadline = time.monotonic() + 60
+        while connection_count() > 1 and time.monotonic() < deadline:
+            await healthy.wait_for(lambda m: m["type"] == "Level2", timeout=5)
+        assert connection_count() == 1, "the slow client was not cut off"
+        # Read what the slow client was sent: its stream ends with close 3007.
+        close_code = None
+        while close_code is None:
+            data = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not data:
+                break
+            protocol.receive_data(data)
+            protocol.events_received()
+            if protocol.close_rcvd is not None:
+                close_code = protocol.close_rcvd.code
+        writer.close()
+        assert close_code == 3007
+        await healthy.wait_for(lambda m: m["type"] == "Level2", timeout=5)
+        await healthy.close()
+    finally:
+        running.stop()
+
+
+async def test_maintenance_closes_1001_and_refuses(tmp_path: Path) -> None:
+    running = start_service(tmp_path)
+    try:
+        c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+        await c.subscribe(SYMBOL)
+        service = running.listening.service
+        service.maintenance_remaining = lambda: 30.0  # type: ignore[method-assign]
+        assert await c.closed_with(timeout=5) == 1001
+        with pytest.raises(InvalidStatus) as info:
+            await connect(running.stream_url)
+        assert info.value.response.status_code == 503
+        assert int(info.value.response.headers["Retry-After"]) >= 1
+    finally:
+        running.stop()
+
+
+async def test_store_failure_during_authentication_closes_3004(tmp_path: Path) -> None:
+    running = start_service(tmp_path)
+    try:
+        token = await asyncio.to_thread(running.token)
+        gateway = running.listening.service.gateway
+
+        async def broken(kind: str, subject: str) -> Any:
+            raise RuntimeError("store exploded")
+
+        gateway._principal = broken  # type: ignore[method-assign]
+        c = await StreamClient.open(running.stream_url, token)
+        assert await c.closed_with() == 3004
+    finally:
+        running.stop()
+
+
+async def test_shutdown_closes_1001(tmp_path: Path) -> None:
+    running = start_service(tmp_path)
+    c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+    await c.subscribe(SYMBOL)
+    await asyncio.to_thread(running.stop)
+    assert await c.closed_with(timeout=10) == 1001
