@@ -1,0 +1,522 @@
+"""The service's database: users, their API keys and the reference data, on SQLite or PostgreSQL.
+
+Secrets and passwords are kept only as argon2id hashes. Any failure to reach or use the
+database comes out of a ``Store`` method as ``StoreUnavailable``, and the store needs no
+help to recover: pooled connections are pinged before use, so those the database dropped
+are replaced once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import string
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, event, exists, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from caspian.catalog.product import ProductSpec
+from caspian.store.models import (
+    KEY_ID_LENGTH,
+    USER_NAME_LENGTH,
+    ApiKey,
+    Entitlement,
+    Exchange,
+    Product,
+    User,
+)
+from caspian.timefmt import format_dt, now_us, us_to_dt
+
+#: ``Store.principal`` kinds: who an access token was issued to.
+KEY = "key"
+USER = "user"
+
+KEY_ID_ALPHABET = string.ascii_uppercase + string.digits
+#: ``token_urlsafe(32)`` gives 43 characters.
+_SECRET_BYTES = 32
+_USER_NAME = re.compile(rf"[A-Za-z0-9._@-]{{1,{USER_NAME_LENGTH}}}")
+
+# A request against a dead PostgreSQL must fail fast rather than hang; the command timeout
+# also covers a server that vanished without closing its connections.
+_PG_CONNECT_TIMEOUT = 5.0
+_PG_COMMAND_TIMEOUT = 30.0
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+#: Execution option marking a session that will write (SQLite takes its write lock up front).
+_WRITE = "caspian_write"
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_HASHER = PasswordHasher()
+_SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached or used; the same call may succeed later."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    has_password: bool
+    all_exchanges: bool
+    #: The exchanges granted one by one; empty while ``all_exchanges`` is true.
+    exchanges: tuple[str, ...]
+    created_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    user: str
+    created_time: datetime
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Whom a token speaks for, and the exchanges they may see (None: every exchange)."""
+
+    user: str
+    exchanges: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProductRecord:
+    spec: ProductSpec
+    created_time: datetime
+    updated_time: datetime
+
+    def api_dict(self) -> dict[str, Any]:
+        return {
+            **self.spec.api_fields(),
+            "createdTime": format_dt(self.created_time),
+            "updatedTime": format_dt(self.updated_time),
+        }
+
+
+def _now() -> datetime:
+    return us_to_dt(now_us())
+
+
+def _check_user_name(name: str) -> None:
+    if not _USER_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid user name {name!r}: 1 to {USER_NAME_LENGTH} letters, digits or ._-@"
+        )
+
+
+@cache
+def _decoy_hash() -> str:
+    return _HASHER.hash(secrets.token_urlsafe(_SECRET_BYTES))
+
+
+def _verify(stored_hash: str | None, secret: str) -> bool:
+    """Check a secret against its hash.
+
+    Without a hash (unknown user or key), a decoy is verified instead so that the answer
+    takes as long as a wrong secret: timing does not tell which names exist.
+    """
+    try:
+        matched = _HASHER.verify(stored_hash or _decoy_hash(), secret)
+    except (VerificationError, InvalidHashError):
+        return False
+    return matched and stored_hash is not None
+
+
+def _means_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, DBAPIError):
+        # Constraint violations and bad statements are answers from a working database.
+        return exc.connection_invalidated or not isinstance(
+            exc, IntegrityError | ProgrammingError | DataError
+        )
+    return isinstance(exc, PoolTimeoutError | OSError)
+
+
+@asynccontextmanager
+async def _availability() -> AsyncIterator[None]:
+    try:
+        yield
+    except (DBAPIError, PoolTimeoutError, OSError) as exc:
+        if not _means_unavailable(exc):
+            raise
+        raise StoreUnavailable(f"could not access the database ({type(exc).__name__})") from exc
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Turn off the driver's implicit BEGIN so that _on_sqlite_begin decides how each
+    # transaction starts.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL lets the CLI write while a server reads the same file; the busy timeout makes a
+    # writer wait for the other process's lock instead of failing at once.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    # A transaction that reads and then writes fails at once, busy timeout or not, if
+    # another process wrote in between; taking the write lock first makes it wait instead.
+    immediate = connection.get_execution_options().get(_WRITE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _migrate(connection: Connection) -> None:
+    config = Config()
+    # Config values go through ConfigParser interpolation, where "%" is special.
+    config.set_main_option("script_location", str(_MIGRATIONS).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _user_info(user: User, exchanges: Iterable[str]) -> UserInfo:
+    return UserInfo(
+        name=user.name,
+        has_password=user.password_hash is not None,
+        all_exchanges=user.all_exchanges,
+        exchanges=() if user.all_exchanges else tuple(sorted(exchanges)),
+        created_time=user.created_time,
+    )
+
+
+def _product_record(row: Product) -> ProductRecord:
+    spec = ProductSpec(**{name: getattr(row, name) for name in _SPEC_FIELDS})
+    return ProductRecord(spec=spec, created_time=row.created_time, updated_time=row.updated_time)
+
+
+async def _find_user(session: AsyncSession, name: str) -> User | None:
+    user: User | None = await session.scalar(select(User).where(User.name == name))
+    return user
+
+
+async def _require_user(session: AsyncSession, name: str) -> User:
+    user = await _find_user(session, name)
+    if user is None:
+        raise NotFound(f"no user {name!r}")
+    return user
+
+
+async def _entitled(session: AsyncSession, user_id: int) -> list[str]:
+    codes = await session.scalars(
+        select(Entitlement.exchange_code).where(Entitlement.user_id == user_id)
+    )
+    return list(codes)
+
+
+class Store:
+    """The database behind the service and its CLI.
+
+    ``url`` is a SQLAlchemy async URL: ``sqlite+aiosqlite:///path`` or
+    ``postgresql+asyncpg://user:pass@host/db``. Exchange codes are compared exactly.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = make_url(url)
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if self._url.get_backend_name() == "postgresql":
+            options["connect_args"] = {
+                "timeout": _PG_CONNECT_TIMEOUT,
+                "command_timeout": _PG_COMMAND_TIMEOUT,
+            }
+        self._engine: AsyncEngine = create_async_engine(self._url, **options)
+        if self._is_sqlite:
+            event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
+            event.listen(self._engine.sync_engine, "begin", _on_sqlite_begin)
+        self._reader = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._writer = async_sessionmaker(
+            self._engine, expire_on_commit=False, execution_options={_WRITE: True}
+        )
+
+    @property
+    def _is_sqlite(self) -> bool:
+        return self._url.get_backend_name() == "sqlite"
+
+    @asynccontextmanager
+    async def _session(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction, committed when the block ends without error."""
+        maker = self._writer if write else self._reader
+        async with _availability(), maker() as session, session.begin():
+            yield session
+
+    async def upgrade(self) -> None:
+        """Bring the schema to the latest migration; does nothing if it is there already."""
+        database = self._url.database
+        async with _availability():
+            if self._is_sqlite and database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            async with self._engine.connect() as connection:
+                await connection.execution_options(**{_WRITE: True})
+                async with connection.begin():
+                    await connection.run_sync(_migrate)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # Users
+
+    async def create_user(self, name: str, password: str | None) -> UserInfo:
+        """A user allowed every exchange; without a password they can only use keys."""
+        _check_user_name(name)
+        if password == "":
+            raise ValueError("a password cannot be empty")
+        password_hash = (
+            None if password is None else await asyncio.to_thread(_HASHER.hash, password)
+        )
+        user = User(name=name, password_hash=password_hash, all_exchanges=True, created_time=_now())
+        try:
+            async with self._session(write=True) as session:
+                session.add(user)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"user {name!r} already exists") from exc
+        return _user_info(user, ())
+
+    async def list_users(self) -> list[UserInfo]:
+        async with self._session() as session:
+            users = await session.scalars(select(User).order_by(User.name))
+            granted: defaultdict[int, list[str]] = defaultdict(list)
+            for user_id, code in await session.execute(
+                select(Entitlement.user_id, Entitlement.exchange_code)
+            ):
+                granted[user_id].append(code)
+            return [_user_info(user, granted[user.id]) for user in users]
+
+    async def verify_credential(self, name: str, password: str) -> UserInfo | None:
+        async with self._session() as session:
+            user = await _find_user(session, name)
+            exchanges = [] if user is None else await _entitled(session, user.id)
+        stored_hash = None if user is None else user.password_hash
+        if user is None or not await asyncio.to_thread(_verify, stored_hash, password):
+            return None
+        return _user_info(user, exchanges)
+
+    async def grant(self, name: str, exchange: str | None) -> UserInfo:
+        """Allow the user one more exchange, or every exchange (``exchange`` None)."""
+        async with self._session(write=True) as session:
+            user = await _require_user(session, name)
+            if exchange is None:
+                user.all_exchanges = True
+                await session.execute(delete(Entitlement).where(Entitlement.user_id == user.id))
+            elif not user.all_exchanges:
+                await session.merge(Entitlement(user_id=user.id, exchange_code=exchange))
+            return _user_info(user, await _entitled(session, user.id))
+
+    async def revoke(self, name: str, exchange: str | None) -> UserInfo:
+        """Take one exchange from the user, or every exchange (``exchange`` None).
+
+        A user allowed every exchange keeps every other exchange known to the store.
+        """
+        async with self._session(write=True) as session:
+            user = await _require_user(session, name)
+            if exchange is None:
+                await session.execute(delete(Entitlement).where(Entitlement.user_id == user.id))
+            elif user.all_exchanges:
+                others = await session.scalars(
+                    select(Exchange.code).where(Exchange.code != exchange)
+                )
+                session.add_all(Entitlement(user_id=user.id, exchange_code=code) for code in others)
+            else:
+                await session.execute(
+                    delete(Entitlement).where(
+                        Entitlement.user_id == user.id, Entitlement.exchange_code == exchange
+                    )
+                )
+            user.all_exchanges = False
+            return _user_info(user, await _entitled(session, user.id))
+
+    # API keys
+
+    async def create_key(self, user: str) -> tuple[KeyInfo, str]:
+        """A new key for the user, created without a password if missing.
+
+        The secret is returned here only: the store keeps its hash.
+        """
+        _check_user_name(user)
+        secret = secrets.token_urlsafe(_SECRET_BYTES)
+        secret_hash = await asyncio.to_thread(_HASHER.hash, secret)
+        key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
+        now = _now()
+        async with self._session(write=True) as session:
+            owner = await _find_user(session, user)
+            if owner is None:
+                owner = User(name=user, password_hash=None, all_exchanges=True, created_time=now)
+                session.add(owner)
+                await session.flush()
+            session.add(
+                ApiKey(
+                    key_id=key_id,
+                    secret_hash=secret_hash,
+                    user_id=owner.id,
+                    created_time=now,
+                    revoked=False,
+                )
+            )
+        return KeyInfo(key_id=key_id, user=user, created_time=now, revoked=False), secret
+
+    async def list_keys(self) -> list[KeyInfo]:
+        async with self._session() as session:
+            rows = await session.execute(
+                select(ApiKey, User.name)
+                .join(User, ApiKey.user_id == User.id)
+                .order_by(ApiKey.created_time, ApiKey.key_id)
+            )
+            return [
+                KeyInfo(
+                    key_id=key.key_id, user=name, created_time=key.created_time, revoked=key.revoked
+                )
+                for key, name in rows
+            ]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key for good; False if there is no such key."""
+        async with self._session(write=True) as session:
+            key = await session.get(ApiKey, key_id)
+            if key is None:
+                return False
+            key.revoked = True
+            return True
+
+    async def verify_key(self, key_id: str, secret: str) -> KeyInfo | None:
+        async with self._session() as session:
+            row = (
+                await session.execute(
+                    select(ApiKey, User.name)
+                    .join(User, ApiKey.user_id == User.id)
+                    .where(ApiKey.key_id == key_id)
+                )
+            ).first()
+        stored_hash = None if row is None or row[0].revoked else row[0].secret_hash
+        if not await asyncio.to_thread(_verify, stored_hash, secret) or row is None:
+            return None
+        key, name = row
+        return KeyInfo(key_id=key.key_id, user=name, created_time=key.created_time, revoked=False)
+
+    async def principal(self, kind: str, subject: str) -> Principal | None:
+        """Who a token's subject is now: None once the key is revoked or the user is gone."""
+        async with self._session() as session:
+            if kind == KEY:
+                user: User | None = await session.scalar(
+                    select(User)
+                    .join(ApiKey, ApiKey.user_id == User.id)
+                    .where(ApiKey.key_id == subject, ApiKey.revoked.is_(False))
+                )
+            elif kind == USER:
+                user = await _find_user(session, subject)
+            else:
+                raise ValueError(f"unknown principal kind {kind!r}")
+            if user is None:
+                return None
+            if user.all_exchanges:
+                return Principal(user=user.name, exchanges=None)
+            return Principal(user=user.name, exchanges=frozenset(await _entitled(session, user.id)))
+
+    # Reference data
+
+    async def seed_exchanges(self, exchanges: Iterable[tuple[str, str]]) -> None:
+        """Add or rename exchanges, given as (name, code)."""
+        names = {code: name for name, code in exchanges}
+        async with self._session(write=True) as session:
+            known = {
+                row.code: row
+                for row in await session.scalars(select(Exchange).where(Exchange.code.in_(names)))
+            }
+            for code, name in names.items():
+                if code in known:
+                    known[code].name = name
+                else:
+                    session.add(Exchange(code=code, name=name))
+
+    async def list_exchanges(self) -> list[tuple[str, str]]:
+        """Every exchange as (name, code), by code."""
+        async with self._session() as session:
+            rows = await session.scalars(select(Exchange).order_by(Exchange.code))
+            return [(row.name, row.code) for row in rows]
+
+    async def upsert_products(self, products: Iterable[ProductSpec]) -> tuple[int, int]:
+        """Add new products and overwrite known ones; returns (created, updated).
+
+        Every product given counts as updated when known, changed or not: its
+        ``updated_time`` tells when the catalog last confirmed it. Raises ``NotFound`` for
+        a product of an exchange the store does not know.
+        """
+        latest = {spec.caspian_code: spec for spec in products}
+        wanted = {spec.exchange for spec in latest.values()}
+        now = _now()
+        created = updated = 0
+        async with self._session(write=True) as session:
+            known = set(
+                await session.scalars(select(Exchange.code).where(Exchange.code.in_(wanted)))
+            )
+            if missing := wanted - known:
+                raise NotFound(f"unknown exchanges: {', '.join(sorted(missing))}")
+            # Loaded by exchange rather than by code: one bound parameter per exchange,
+            # where a catalog has thousands of codes.
+            rows = {
+                row.caspian_code: row
+                for row in await session.scalars(
+                    select(Product).where(Product.exchange.in_(wanted))
+                )
+            }
+            for code, spec in latest.items():
+                values = {name: getattr(spec, name) for name in _SPEC_FIELDS}
+                row = rows.get(code)
+                if row is None:
+                    session.add(Product(**values, created_time=now, updated_time=now))
+                    created += 1
+                else:
+                    for name, value in values.items():
+                        setattr(row, name, value)
+                    row.updated_time = now
+                    updated += 1
+        return created, updated
+
+    async def has_products(self, exchange: str) -> bool:
+        async with self._session() as session:
+            found = await session.scalar(select(exists().where(Product.exchange == exchange)))
+            return bool(found)
+
+    async def products(self, exchanges: Sequence[str] | None = None) -> list[ProductRecord]:
+        """Products of the given exchanges (None: of every exchange), by exchange and code."""
+        query = select(Product).order_by(Product.exchange, Product.caspian_code)
+        if exchanges is not None:
+            query = query.where(Product.exchange.in_(exchanges))
+        async with self._session() as session:
+            return [_product_record(row) for row in await session.scalars(query)]
+
+    async def product(self, caspian_code: str) -> ProductRecord | None:
+        async with self._session() as session:
+            row = await session.get(Product, caspian_code)
+            return None if row is None else _product_record(row)

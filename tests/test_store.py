@@ -1,0 +1,459 @@
+"""The store against real databases: a SQLite file, and a PostgreSQL server the tests start."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import caspian.store
+from caspian.catalog.product import ProductSpec
+from caspian.store import (
+    KEY,
+    USER,
+    AlreadyExists,
+    NotFound,
+    Principal,
+    Store,
+    StoreUnavailable,
+)
+from caspian.store.models import Base
+from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401
+
+TABLES = {"users", "entitlements", "api_keys", "exchanges", "products"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database (a file in a directory yet to be created, for SQLite)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'data' / 'caspian.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"test_{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    store = Store(store_url)
+    await store.upgrade()
+    yield store
+    await store.close()
+
+
+async def raw_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Read the database behind the store's back."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(text(sql))
+            return [tuple(row) for row in result]
+    finally:
+        await engine.dispose()
+
+
+def product(code: str, exchange: str, **changes: Any) -> ProductSpec:
+    base, quote = code.split("-", 1)[1].split("=")[0].split("/")
+    fields: dict[str, Any] = {
+        "exchange": exchange,
+        "type": "FX",
+        "caspian_code": code,
+        "pseudo_code": f"{base}{quote}={exchange}",
+        "tora_code": f"{base}{quote}",
+        "tora_market": exchange,
+        "native_code": f"{base}{quote}".lower(),
+        "native_code_v2": f"{base}-{quote}",
+        "ccy_from": base,
+        "ccy_to": quote,
+        "description": f"{base} - {quote} - FX pair",
+        "lot_size": "0.000001",
+        "tick_size": "0.01",
+        "tick_rule": ",,0.01",
+    }
+    fields.update(changes)
+    return ProductSpec(**fields)
+
+
+# Schema
+
+
+async def test_migrations_apply_from_empty_and_match_the_models(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        await store.upgrade()
+        await store.upgrade()
+        await store.create_user("alice", None)
+        await store.upgrade()
+        assert [user.name for user in await store.list_users()] == ["alice"]
+    finally:
+        await store.close()
+
+    assert await raw_rows(store_url, "SELECT version_num FROM alembic_version") == [("0001",)]
+
+    def differences(connection: Connection) -> list[Any]:
+        assert set(inspect(connection).get_table_names()) >= TABLES
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    engine = create_async_engine(store_url)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_downgrades_to_empty_and_upgrades_again(store_url: str) -> None:
+    def run(connection: Connection, action: Callable[[Config, str], None], target: str) -> None:
+        config = Config()
+        config.set_main_option(
+            "script_location", str(Path(caspian.store.__file__).parent / "migrations")
+        )
+        config.attributes["connection"] = connection
+        action(config, target)
+
+    engine = create_async_engine(store_url)
+    try:
+        store = Store(store_url)
+        await store.upgrade()
+        await store.close()
+        async with engine.begin() as connection:
+            await connection.run_sync(run, command.downgrade, "base")
+            names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+            assert set(names).isdisjoint(TABLES)
+            await connection.run_sync(run, command.upgrade, "head")
+            names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+            assert set(names) >= TABLES
+    finally:
+        await engine.dispose()
+
+
+# Users
+
+
+async def test_users_are_created_listed_and_checked(store: Store, store_url: str) -> None:
+    alice = await store.create_user("alice", "correct horse")
+    assert (alice.name, alice.has_password, alice.all_exchanges, alice.exchanges) == (
+        "alice",
+        True,
+        True,
+        (),
+    )
+    await store.create_user("bob.smith@example-1_x", None)
+    with pytest.raises(AlreadyExists):
+        await store.create_user("alice", None)
+    for bad in ("", "x" * 65, "with space", "semi;colon", "naïve"):
+        with pytest.raises(ValueError):
+            await store.create_user(bad, None)
+
+    users = await store.list_users()
+    assert [(user.name, user.has_password) for user in users] == [
+        ("alice", True),
+        ("bob.smith@example-1_x", False),
+    ]
+    assert users[0].created_time == alice.created_time
+
+    verified = await store.verify_credential("alice", "correct horse")
+    assert verified is not None and verified.name == "alice"
+    assert await store.verify_credential("alice", "wrong horse") is None
+    assert await store.verify_credential("bob.smith@example-1_x", "") is None
+    assert await store.verify_credential("nobody", "correct horse") is None
+
+    [(stored,)] = await raw_rows(store_url, "SELECT password_hash FROM users WHERE name = 'alice'")
+    assert stored.startswith("$argon2id$") and "correct horse" not in stored
+
+
+# API keys
+
+
+async def test_keys_are_created_verified_listed_and_revoked(store: Store, store_url: str) -> None:
+    info, secret = await store.create_key("carol")
+    assert re.fullmatch(r"[A-Z0-9]{20}", info.key_id)
+    assert len(secret) >= 40
+    assert (info.user, info.revoked) == ("carol", False)
+    [carol] = await store.list_users()
+    assert (carol.name, carol.has_password) == ("carol", False)
+    assert await store.verify_credential("carol", secret) is None
+
+    [(stored,)] = await raw_rows(
+        store_url, f"SELECT secret_hash FROM api_keys WHERE key_id = '{info.key_id}'"
+    )
+    assert stored != secret and secret not in stored and stored.startswith("$argon2id$")
+
+    assert await store.verify_key(info.key_id, secret) == info
+    assert await store.verify_key(info.key_id, secret[:-1]) is None
+    assert await store.verify_key("A" * 20, secret) is None
+
+    second, second_secret = await store.create_key("carol")
+    assert second.key_id != info.key_id and second_secret != secret
+    assert len(await store.list_users()) == 1
+    assert {(key.key_id, key.user, key.revoked) for key in await store.list_keys()} == {
+        (info.key_id, "carol", False),
+        (second.key_id, "carol", False),
+    }
+
+    assert await store.revoke_key(info.key_id) is True
+    assert await store.revoke_key("NOSUCHKEY00000000000") is False
+    assert await store.verify_key(info.key_id, secret) is None
+    assert await store.verify_key(second.key_id, second_secret) == second
+    assert {(key.key_id, key.revoked) for key in await store.list_keys()} == {
+        (info.key_id, True),
+        (second.key_id, False),
+    }
+
+
+async def test_a_key_for_an_existing_user_keeps_their_password(store: Store) -> None:
+    await store.create_user("dave", "pass word")
+    key, _ = await store.create_key("dave")
+    assert key.user == "dave"
+    assert await store.verify_credential("dave", "pass word") is not None
+
+
+async def test_principal_of_keys_and_users(store: Store) -> None:
+    key, _ = await store.create_key("erin")
+    assert await store.principal(KEY, key.key_id) == Principal(user="erin", exchanges=None)
+    assert await store.principal(USER, "erin") == Principal(user="erin", exchanges=None)
+    assert await store.principal(KEY, "NOSUCHKEY00000000000") is None
+    assert await store.principal(USER, "nobody") is None
+
+    await store.revoke("erin", None)
+    await store.grant("erin", "GEMINI")
+    assert await store.principal(KEY, key.key_id) == Principal("erin", frozenset({"GEMINI"}))
+
+    await store.revoke_key(key.key_id)
+    assert await store.principal(KEY, key.key_id) is None
+    assert await store.principal(USER, "erin") == Principal("erin", frozenset({"GEMINI"}))
+    with pytest.raises(ValueError):
+        await store.principal("token", "erin")
+
+
+async def test_grant_and_revoke_exchanges(store: Store) -> None:
+    await store.seed_exchanges([("Gemini", "GEMINI"), ("BitMEX", "BITMEX"), ("Kraken", "KRAKEN")])
+    await store.create_key("frank")
+
+    # Revoking one exchange from an "all" user leaves every other known exchange.
+    frank = await store.revoke("frank", "GEMINI")
+    assert (frank.all_exchanges, frank.exchanges) == (False, ("BITMEX", "KRAKEN"))
+    frank = await store.grant("frank", "GEMINI")
+    assert (frank.all_exchanges, frank.exchanges) == (False, ("BITMEX", "GEMINI", "KRAKEN"))
+    frank = await store.grant("frank", "GEMINI")
+    assert frank.exchanges == ("BITMEX", "GEMINI", "KRAKEN")
+    frank = await store.revoke("frank", "KRAKEN")
+    assert frank.exchanges == ("BITMEX", "GEMINI")
+
+    frank = await store.revoke("frank", None)
+    assert (frank.all_exchanges, frank.exchanges) == (False, ())
+    assert await store.principal(USER, "frank") == Principal("frank", frozenset())
+
+    frank = await store.grant("frank", "BITMEX")
+    assert frank.exchanges == ("BITMEX",)
+    frank = await store.grant("frank", None)
+    assert (frank.all_exchanges, frank.exchanges) == (True, ())
+    assert await store.principal(USER, "frank") == Principal("frank", None)
+    frank = await store.grant("frank", "GEMINI")
+    assert (frank.all_exchanges, frank.exchanges) == (True, ())
+
+    [listed] = await store.list_users()
+    assert listed == frank
+    with pytest.raises(NotFound):
+        await store.grant("nobody", None)
+    with pytest.raises(NotFound):
+        await store.revoke("nobody", "GEMINI")
+
+
+# Reference data
+
+
+async def test_exchanges_are_seeded_and_listed_by_code(store: Store) -> None:
+    assert await store.list_exchanges() == []
+    await store.seed_exchanges([("Gemini", "GEMINI"), ("BitMEX", "BITMEX")])
+    await store.seed_exchanges([("Coin Market Cap", "COINMKTCAP"), ("Gemini Trust", "GEMINI")])
+    assert await store.list_exchanges() == [
+        ("BitMEX", "BITMEX"),
+        ("Coin Market Cap", "COINMKTCAP"),
+        ("Gemini Trust", "GEMINI"),
+    ]
+
+
+async def test_products_are_upserted_and_queried(store: Store) -> None:
+    await store.seed_exchanges([("Gemini", "GEMINI"), ("BitMEX", "BITMEX")])
+    eth = product("FX-ETH/USD=GEMINI", "GEMINI")
+    ltc = product("FX-LTC/ETH=GEMINI", "GEMINI")
+    future = product(
+        "FUT-XBT/USD-20261225=BITMEX",
+        "BITMEX",
+        type="FUT",
+        multiplier="1",
+        expire_date="2026-12-25T12:00:00.000000",
+        last_trading_date="2026-12-25T12:00:00.000000",
+        underlying_caspian_code="FX-XBT/USD=BITMEX",
+    )
+    assert await store.upsert_products([eth, ltc, future]) == (3, 0)
+    assert await store.has_products("GEMINI") and not await store.has_products("KRAKEN")
+
+    first = await store.product("FX-ETH/USD=GEMINI")
+    assert first is not None
+    assert first.spec == eth and first.created_time == first.updated_time
+    stored_future = await store.product(future.caspian_code)
+    assert stored_future is not None and stored_future.spec == future
+    assert await store.product("FX-NOPE/USD=GEMINI") is None
+
+    api = first.api_dict()
+    assert api["caspianCode"] == "FX-ETH/USD=GEMINI" and api["nativeCode_v2"] == "ETH-USD"
+    assert "strike" not in api
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", api["createdTime"])
+    assert api["updatedTime"] == api["createdTime"]
+
+    renamed = product("FX-ETH/USD=GEMINI", "GEMINI", description="Ether - US Dollar")
+    btc = product("FX-BTC/USD=GEMINI", "GEMINI")
+    assert await store.upsert_products([renamed, ltc, btc]) == (1, 2)
+    again = await store.product("FX-ETH/USD=GEMINI")
+    assert again is not None and again.spec == renamed
+    assert again.created_time == first.created_time
+    assert again.updated_time > first.updated_time
+    unchanged = await store.product(future.caspian_code)
+    assert unchanged is not None and unchanged.updated_time == stored_future.updated_time
+
+    codes = [record.spec.caspian_code for record in await store.products()]
+    assert codes == [
+        "FUT-XBT/USD-20261225=BITMEX",
+        "FX-BTC/USD=GEMINI",
+        "FX-ETH/USD=GEMINI",
+        "FX-LTC/ETH=GEMINI",
+    ]
+    gemini = await store.products(["GEMINI"])
+    assert {record.spec.exchange for record in gemini} == {"GEMINI"} and len(gemini) == 3
+    assert len(await store.products(["GEMINI", "BITMEX"])) == 4
+    assert await store.products([]) == []
+    assert await store.products(["KRAKEN"]) == []
+
+
+async def test_products_of_an_unknown_exchange_are_refused(store: Store) -> None:
+    await store.seed_exchanges([("Gemini", "GEMINI")])
+    with pytest.raises(NotFound, match="KRAKEN"):
+        await store.upsert_products(
+            [product("FX-ETH/USD=GEMINI", "GEMINI"), product("FX-ETH/USD=KRAKEN", "KRAKEN")]
+        )
+    assert await store.products() == []
+
+
+# SQLite specifics
+
+
+async def test_sqlite_file_is_shared_by_concurrent_writers(tmp_path: Path) -> None:
+    """Two stores on one file, as the CLI and a running server are, write at the same time."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    first, second = Store(url), Store(url)
+    try:
+        await first.upgrade()
+        await second.upgrade()
+        assert await raw_rows(url, "PRAGMA journal_mode") == [("wal",)]
+        # Each seed reads the known exchanges before writing: the pattern that fails at
+        # once between processes unless the write lock is taken up front.
+        writers = (first, second)
+        await asyncio.gather(
+            *(writers[n % 2].seed_exchanges([(f"Exchange {n}", f"EX{n:02}")]) for n in range(40))
+        )
+        assert len(await second.list_exchanges()) == 40
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sqlite_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    for path in (tmp_path, tmp_path / "file" / "caspian.db"):
+        store = Store(f"sqlite+aiosqlite:///{path}")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.upgrade()
+            with pytest.raises(StoreUnavailable):
+                await store.list_exchanges()
+        finally:
+            await store.close()
+    # After a failed connect aiosqlite stops its worker thread without waiting for it; the
+    # thread must be done before this test's event loop closes, or it reports to a closed one.
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_connection_worker_thread)"):
+            await asyncio.to_thread(thread.join, 5)
+
+
+# PostgreSQL availability
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_postgres_that_never_ran_is_unavailable_quickly() -> None:
+    store = Store(f"postgresql+asyncpg://postgres@127.0.0.1:{_free_port()}/postgres")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.upgrade()
+        with pytest.raises(StoreUnavailable):
+            await store.product("FX-ETH/USD=GEMINI")
+        assert time.monotonic() - started < 10
+    finally:
+        await store.close()
+
+
+async def test_store_survives_a_postgres_outage() -> None:
+    # A server of its own: stopping the shared one would disturb other tests.
+    server = PostgresServer()
+    try:
+        server.start()
+        store = Store(server.url)
+        try:
+            await store.upgrade()
+            await store.seed_exchanges([("Gemini", "GEMINI")])
+            key, secret = await store.create_key("grace")
+            # Several pooled connections, all of which the outage kills.
+            await asyncio.gather(*(store.list_exchanges() for _ in range(4)))
+
+            server.stop()
+            calls: list[Callable[[], Awaitable[object]]] = [
+                store.list_exchanges,
+                lambda: store.verify_key(key.key_id, secret),
+                lambda: store.create_user("heidi", None),
+                lambda: store.principal(KEY, key.key_id),
+            ]
+            for call in calls:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await call()
+                assert time.monotonic() - started < 10
+
+            server.start()
+            assert await store.list_exchanges() == [("Gemini", "GEMINI")]
+            assert await store.verify_key(key.key_id, secret) == key
+            await store.create_user("heidi", None)
+            assert [user.name for user in await store.list_users()] == ["grace", "heidi"]
+
+            # A restart nobody saw leaves only dead connections in the pool: the next calls
+            # must get fresh ones rather than fail.
+            await asyncio.gather(*(store.list_exchanges() for _ in range(4)))
+            server.stop()
+            server.start()
+            results = await asyncio.gather(*(store.list_exchanges() for _ in range(4)))
+            assert results == [[("Gemini", "GEMINI")]] * 4
+        finally:
+            await store.close()
+    finally:
+        server.destroy()
