@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,8 +52,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
 def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return ORJSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+    return json_response({"code": code, "message": message}, status, headers)
 
 
 def _auth_error(code: AuthErrorCode, detail: str | None = None) -> ApiError:
@@ -162,7 +170,12 @@ _TOKEN_SECURITY = [{"accessToken": []}]
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, before they are read whole."""
+    """Refuses request bodies over ``limit`` bytes with 413.
+
+    The body is read here, at most ``limit`` bytes of it, and handed on whole:
+    bodies this API takes are small, and reading first means an oversized one
+    is refused before any handler starts, whether or not it declared a length.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -181,24 +194,35 @@ class BodyLimit:
                 if declared < 0 or declared > self.limit:
                     await self._refuse(scope, receive, send)
                     return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        parts: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, int(RestErrorCode.TOO_LARGE), self._text())
-            return message
+            if message["type"] != "http.request":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        delivered = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    def _text(self) -> str:
-        return f"The request body is larger than {self.limit} bytes"
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = _error(413, int(RestErrorCode.TOO_LARGE), self._text())
+        text = f"The request body is larger than {self.limit} bytes"
+        response = _error(413, int(RestErrorCode.TOO_LARGE), text, {"Connection": "close"})
         await response(scope, receive, send)
 
 
@@ -219,8 +243,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
         version="1.0",
         description="Authentication and reference data of the Caspian market-data service. "
         "The real-time stream is the WebSocket at /v1/stream (see the README).",
-        default_response_class=ORJSONResponse,
-        docs_url="/docs",
+                docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -347,7 +370,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
             backend.limiter.failed(subjects)
             return Response(status_code=401)
         issued = backend.tokens.issue(kind, subject, user)
-        return ORJSONResponse(
+        return json_response(
             {"accessToken": issued.token, "expiration": format_us(issued.claims.expires_us)}
         )
 
@@ -381,7 +404,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
     async def exchanges(request: Request) -> Response:
         await require_token(request)
         rows = await store.list_exchanges()
-        return ORJSONResponse([{"name": name, "code": code} for name, code in rows])
+        return json_response([{"name": name, "code": code} for name, code in rows])
 
     @app.post(
         "/v1/reference/products",
@@ -421,7 +444,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
                 f"Unknown exchange: {', '.join(unknown[:10])}",
             )
         records = await store.products(list(dict.fromkeys(codes)))
-        return ORJSONResponse([record.api_dict() for record in records])
+        return json_response([record.api_dict() for record in records])
 
     @app.get(
         "/v1/reference/products/{caspianCode:path}",
@@ -443,7 +466,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
         record = await store.product(caspianCode)
         if record is None:
             raise ApiError(404, int(RestErrorCode.NOT_FOUND), f"Product not found: {caspianCode}")
-        return ORJSONResponse(record.api_dict())
+        return json_response(record.api_dict())
 
     @app.get("/v1/reference/products", include_in_schema=False)
     async def no_product(request: Request) -> Response:
@@ -452,7 +475,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> Response:
-        return ORJSONResponse({"status": "ok"})
+        return json_response({"status": "ok"})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
