@@ -125,10 +125,12 @@ async def test_first_level2_message_is_whole_top_n_and_newcomers_get_it() -> Non
     hub.on_event(
         BookEvent(SYMBOL, 10, True, [(9.0, 1.0), (8.0, 2.0), (7.0, 1.0)], [(11.0, 1.0)], 5)
     )
-    snapshot = [m for m in first.messages if m["payload"]][0]
+    snapshot = next(m for m in first.messages if m["payload"])
     assert snapshot["depthStream"] == "connected"
     assert {(lv["side"], lv["price"]) for lv in snapshot["payload"]} == {
-        ("bid", 9.0), ("bid", 8.0), ("ask", 11.0)
+        ("bid", 9.0),
+        ("bid", 8.0),
+        ("ask", 11.0),
     }
     assert snapshot["exchangeTimestamp"] == "1970-01-01T00:00:00.000005"
     assert snapshot["caspianTimestamp"] == "1970-01-01T00:00:00.000010"
@@ -169,7 +171,10 @@ async def test_reconnect_sends_whole_top_n_again() -> None:
     assert last["depthStream"] == "connected"
     # Unchanged levels are sent too: the whole top-N, and size 0 for what left it.
     assert {(lv["side"], lv["price"], lv["size"]) for lv in last["payload"]} == {
-        ("bid", 9.0, 1.0), ("bid", 7.0, 2.0), ("ask", 11.0, 1.0), ("bid", 8.0, 0.0)
+        ("bid", 9.0, 1.0),
+        ("bid", 7.0, 2.0),
+        ("ask", 11.0, 1.0),
+        ("bid", 8.0, 0.0),
     }
 
 
@@ -247,7 +252,7 @@ async def test_conflation_sends_net_change_once_per_interval() -> None:
 
 
 async def test_release_after_last_subscriber() -> None:
-    hub, watched, released = make_hub()
+    hub, _, released = make_hub()
     first, second = level2(5, request_id="a"), level1(request_id="b")
     hub.add(first, Recorder())
     hub.add(second, Recorder())

@@ -61,12 +61,18 @@ def test_credential_login(service: RunningService) -> None:
 
 def test_wrong_and_revoked_keys_are_401(service: RunningService) -> None:
     key_id, secret = service.key("dave")
-    assert authenticate(
-        service, "Key", {"accessKeyID": key_id, "secretAccessKey": secret + "x"}
-    ).status_code == 401
-    assert authenticate(
-        service, "Key", {"accessKeyID": "NOSUCHKEY0000000000", "secretAccessKey": secret}
-    ).status_code == 401
+    assert (
+        authenticate(
+            service, "Key", {"accessKeyID": key_id, "secretAccessKey": secret + "x"}
+        ).status_code
+        == 401
+    )
+    assert (
+        authenticate(
+            service, "Key", {"accessKeyID": "NOSUCHKEY0000000000", "secretAccessKey": secret}
+        ).status_code
+        == 401
+    )
     service.call(service.listening.service.store.revoke_key(key_id))
     revoked = authenticate(service, "Key", {"accessKeyID": key_id, "secretAccessKey": secret})
     assert revoked.status_code == 401
@@ -144,8 +150,13 @@ def test_products_of_exchanges(service: RunningService) -> None:
 
 @pytest.mark.parametrize(
     ("body", "code"),
-    [({}, 4001), ({"exchanges": []}, 4001), ({"exchanges": "GEMINI"}, 4000),
-     ({"exchanges": ["NOPE"]}, 4000), ({"exchanges": [1]}, 4000)],
+    [
+        ({}, 4001),
+        ({"exchanges": []}, 4001),
+        ({"exchanges": "GEMINI"}, 4000),
+        ({"exchanges": ["NOPE"]}, 4000),
+        ({"exchanges": [1]}, 4000),
+    ],
 )
 def test_products_bad_requests(service: RunningService, body: Any, code: int) -> None:
     headers = {"Authorization": service.token()}
@@ -175,9 +186,9 @@ def test_one_product_raw_and_encoded(service: RunningService) -> None:
 
 def test_revoked_key_token_cannot_read(service: RunningService) -> None:
     key_id, secret = service.key("erin")
-    token = authenticate(
-        service, "Key", {"accessKeyID": key_id, "secretAccessKey": secret}
-    ).json()["accessToken"]
+    token = authenticate(service, "Key", {"accessKeyID": key_id, "secretAccessKey": secret}).json()[
+        "accessToken"
+    ]
     headers = {"Authorization": token}
     assert get(service, "/v1/reference/exchanges", headers=headers).status_code == 200
     service.call(service.listening.service.store.revoke_key(key_id))
@@ -198,9 +209,7 @@ def test_large_bodies_are_refused(service: RunningService) -> None:
         for _ in range(100):
             yield b" " * 10_000
 
-    streamed = httpx.post(
-        f"{service.base_url}/v1/auth/authenticate", content=chunks(), timeout=30
-    )
+    streamed = httpx.post(f"{service.base_url}/v1/auth/authenticate", content=chunks(), timeout=30)
     assert streamed.status_code == 413
 
 

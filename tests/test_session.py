@@ -197,18 +197,28 @@ def test_all_conflations_accepted() -> None:
 
 def test_symbol_types() -> None:
     session = make()
-    assert code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))[:1]) == 200
     assert (
-        code_of(session.receive(subscribe("b", symbol="BTC/USD-PERP.BITMEX", symbolType="Tora"))[:1])
+        code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))[:1])
+        == 200
+    )
+    assert (
+        code_of(
+            session.receive(subscribe("b", symbol="BTC/USD-PERP.BITMEX", symbolType="Tora"))[:1]
+        )
         == 200
     )
     # A Caspian code given as a Pseudo code is not a Pseudo code.
-    assert code_of(session.receive(subscribe("c", symbol=GEMINI.caspian_code, symbolType="Pseudo"))) == 202
+    assert (
+        code_of(session.receive(subscribe("c", symbol=GEMINI.caspian_code, symbolType="Pseudo")))
+        == 202
+    )
 
 
 def test_symbol_type_switched_off_is_209() -> None:
     session = make(symbol_types=frozenset({SymbolType.CASPIAN}))
-    assert code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))) == 209
+    assert (
+        code_of(session.receive(subscribe("a", symbol="ETHUSD=GEMINI", symbolType="Pseudo"))) == 209
+    )
     assert code_of(session.receive(subscribe("b"))[:1]) == 200
 
 

@@ -217,6 +217,78 @@ def serve(
         raise _fail(str(exc)) from None
 
 
+@app.command()
+def record(
+    out: Annotated[Path, typer.Option("--out", help="The file to write, e.g. market.jsonl.gz.")],
+    symbols: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated Caspian codes; default every product of the catalog."),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(help="simulator, replay:PATH or live:EXCHANGE,... [env: CASPIAN_SOURCE]"),
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option(help="Stop after this long; default until interrupted.")
+    ] = None,
+    rotate_mb: Annotated[
+        float | None,
+        typer.Option(help="Start a new numbered file after this many MB of events."),
+    ] = None,
+) -> None:
+    """Record what the source produces, in the replay format (gzip if the name ends in .gz)."""
+    settings = _settings(
+        source=source,
+        data_dir=_STORE_OPTIONS.get("data_dir"),
+        database_url=_STORE_OPTIONS.get("database_url"),
+    )
+    wanted = [code.strip() for code in symbols.split(",") if code.strip()] if symbols else None
+    from caspian.sources.recorder import Recorder
+    from caspian.store import StoreError
+
+    async def run() -> Recorder:
+        from caspian.catalog.index import Catalog
+        from caspian.service import make_source, seed_reference_data
+        from caspian.store import Store
+
+        store = Store(settings.resolved_database_url)
+        try:
+            await store.upgrade()
+            await seed_reference_data(store)
+            catalog = Catalog(record.spec for record in await store.products())
+        finally:
+            await store.close()
+        chosen = wanted or [product.caspian_code for product in catalog]
+        unknown = [code for code in chosen if catalog.get(code) is None]
+        if unknown:
+            raise CliError(f"unknown symbol: {', '.join(unknown[:5])}")
+        feed = make_source(settings, catalog.get)
+        recorder = Recorder(out, set(chosen), int(rotate_mb * 1_000_000) if rotate_mb else None)
+        tasks = [asyncio.create_task(feed.run(recorder.write)), asyncio.create_task(recorder.run())]
+        for code in chosen:
+            feed.watch(code)
+        try:
+            if seconds is None:
+                await asyncio.gather(*tasks)
+            else:
+                await asyncio.sleep(seconds)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            recorder.close()
+        return recorder
+
+    try:
+        recorder = asyncio.run(run())
+    except KeyboardInterrupt:
+        return
+    except (StoreError, CliError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    files = ", ".join(str(path) for path in recorder.files) or "nothing"
+    typer.echo(f"recorded {recorder.events} events to {files}")
+
+
 # -- users -----------------------------------------------------------------
 
 
@@ -365,9 +437,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The accessKeyID.")])
 
 @products_app.command("import")
 def products_import(
-    file: Annotated[
-        Path | None, typer.Option("--file", help="A ccxt markets JSON file.")
-    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A ccxt markets JSON file.")] = None,
     exchange: Annotated[
         str | None,
         typer.Option("--exchange", help="The Caspian exchange code the file is for."),
@@ -378,8 +448,8 @@ def products_import(
     ] = None,
 ) -> None:
     """Load products from ccxt market definitions; re-importing keeps createdTime."""
-    from caspian.catalog.importer import fetch_ccxt_markets, markets_from_file, resolve_exchange
     from caspian.catalog.ccxt_markets import products_from_ccxt
+    from caspian.catalog.importer import fetch_ccxt_markets, markets_from_file, resolve_exchange
 
     if (file is None) == (ccxt_id is None):
         raise _fail("give either --file PATH (with --exchange) or --ccxt EXCHANGE")

@@ -199,8 +199,8 @@ def from_dict(raw: Any) -> Event:
         )
     if kind == "status":
         try:
-            stream = Stream(raw.get("stream"))
-            state = StreamState(raw.get("state"))
+            stream = Stream(str(raw.get("stream")))
+            state = StreamState(str(raw.get("state")))
         except ValueError as exc:
             raise EventFormatError(
                 "'stream' must be bbo, trade or depth and 'state' connected or disconnected"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import uvicorn
 
@@ -37,7 +36,7 @@ async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None
         await service.start()
         config = uvicorn.Config(
             service.rest,
-            ws=partial(StreamConnection, service.gateway),
+            ws=StreamConnection.bound(service.gateway),
             lifespan="off",
             log_level=settings.log_level,
             access_log=False,

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 
 from caspian.auth.ratelimit import LoginLimiter
 from caspian.auth.tokens import TokenService, load_or_create_secret
@@ -24,6 +25,7 @@ from caspian.maintenance import MaintenanceWindow
 from caspian.rest.app import create_app
 from caspian.settings import Settings
 from caspian.sources.base import Source
+from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import SimProduct, Simulator
 from caspian.store import Store, StoreError
 
@@ -74,9 +76,12 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
             rate=settings.simulator_rate,
             outages=settings.simulator_outages,
         )
-    raise ValueError(
-        f"unsupported source {settings.source!r}: this version supports 'simulator'"
-    )
+    if kind == "replay":
+        path = settings.source.partition(":")[2]
+        if not path:
+            raise ValueError("name the recording: replay:PATH")
+        return ReplaySource(Path(path), settings.replay_speed, settings.replay_loop)
+    raise ValueError(f"unsupported source {settings.source!r}: use simulator or replay:PATH")
 
 
 def make_bus(settings: Settings, source: Source) -> Bus:
@@ -127,9 +132,7 @@ class Service:
     def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
         return self.catalog.resolve(symbol, symbol_type)
 
-    async def _principal(
-        self, kind: str, subject: str
-    ) -> tuple[str, frozenset[str] | None] | None:
+    async def _principal(self, kind: str, subject: str) -> tuple[str, frozenset[str] | None] | None:
         principal = await self.store.principal(kind, subject)
         if principal is None:
             return None

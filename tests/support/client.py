@@ -38,14 +38,14 @@ class StreamClient:
         await self.ws.send(orjson.dumps(message).decode())
         return request_id
 
-    async def recv(self, timeout: float = 10) -> Message:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+    async def recv(self, within: float = 10) -> Message:
+        raw = await asyncio.wait_for(self.ws.recv(), within)
         message: Message = orjson.loads(raw)
         return message
 
-    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10) -> Message:
+    async def wait_for(self, predicate: Callable[[Message], bool], within: float = 10) -> Message:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -54,10 +54,10 @@ class StreamClient:
             if predicate(message):
                 return message
 
-    async def response(self, request_id: str, timeout: float = 10) -> Message:
+    async def response(self, request_id: str, within: float = 10) -> Message:
         return await self.wait_for(
             lambda m: m.get("requestId") == request_id and m["type"].endswith("Response"),
-            timeout,
+            within,
         )
 
     async def subscribe(self, symbol: str, type_: str = "Level1", **options: Any) -> str:
@@ -66,11 +66,11 @@ class StreamClient:
         assert response["payload"]["code"] == 200, response
         return request_id
 
-    async def closed_with(self, timeout: float = 10) -> int | None:
+    async def closed_with(self, within: float = 10) -> int | None:
         """Read until the server closes; the close code it sent."""
         try:
             while True:
-                await asyncio.wait_for(self.ws.recv(), timeout)
+                await asyncio.wait_for(self.ws.recv(), within)
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
 

@@ -78,8 +78,17 @@ def token_from_request(request: Request) -> str | None:
 
 
 class StreamConnection(asyncio.Protocol):
-    def __init__(self, gateway: Gateway, **uvicorn_state: Any) -> None:
-        self._gateway = gateway
+    """One stream client. uvicorn makes one per upgrade, from :meth:`bound`'s class."""
+
+    gateway: Gateway
+
+    @classmethod
+    def bound(cls, gateway: Gateway) -> type[StreamConnection]:
+        """A subclass serving ``gateway``: uvicorn takes a class, not a factory."""
+        return type("BoundStreamConnection", (cls,), {"gateway": gateway})
+
+    def __init__(self, **uvicorn_state: Any) -> None:
+        gateway = self._gateway = self.gateway
         # uvicorn's registry: its shutdown calls shutdown() on each member.
         server_state = uvicorn_state.get("server_state")
         self._uvicorn_connections: set[Any] | None = (
@@ -112,10 +121,10 @@ class StreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._ws.receive_data(data)
         for event in self._ws.events_received():
-            if isinstance(event, Request):
-                self._on_request(event)
-            else:
+            if isinstance(event, Frame):
                 self._on_frame(event)
+            elif isinstance(event, Request):
+                self._on_request(event)
         self._write_protocol_output()
 
     def eof_received(self) -> bool | None:
@@ -209,11 +218,11 @@ class StreamConnection(asyncio.Protocol):
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                self._on_message(frame.data)
+                self._on_message(bytes(frame.data))
             else:
-                self._fragments = [frame.data]
+                self._fragments = [bytes(frame.data)]
         elif opcode is Opcode.CONT:
-            self._fragments.append(frame.data)
+            self._fragments.append(bytes(frame.data))
             if frame.fin:
                 message = b"".join(self._fragments)
                 self._fragments = []
@@ -332,7 +341,9 @@ class StreamConnection(asyncio.Protocol):
         self._closing = True
         self._backlog.clear()
         self._out.clear()
-        self._end_session()
+        # A close can come from inside the hub's fan-out (3007): leave the
+        # hub alone until that delivery loop is over.
+        self._loop.call_soon(self._end_session)
         if self._ws.state is State.OPEN:
             self._ws.send_close(int(code), CLOSE_REASONS[code])
         self._write_protocol_output()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,8 +89,6 @@ class Gateway:
     async def stop(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await self._heartbeat
-            except asyncio.CancelledError:
-                pass
         self.close_all(CloseCode.GOING_AWAY)

@@ -243,17 +243,21 @@ class Hub:
         state = self.symbols.get(symbol)
         if state is None:
             return
-        groups: dict[Any, Any]
         if subscription.type is SubscriptionType.LEVEL2:
-            groups, key = state.level2, (subscription.levels, subscription.conflation)
+            key2 = (subscription.levels, subscription.conflation)
+            group2 = state.level2.get(key2)
+            if group2 is None or subscription not in group2.members:
+                return
+            if group2.remove(subscription):
+                group2.closed = True
+                del state.level2[key2]
         else:
-            groups, key = state.level1, subscription.conflation
-        group = groups.get(key)
-        if group is None or subscription not in group.members:
-            return
-        if group.remove(subscription):
-            group.closed = True
-            del groups[key]
+            group1 = state.level1.get(subscription.conflation)
+            if group1 is None or subscription not in group1.members:
+                return
+            if group1.remove(subscription):
+                group1.closed = True
+                del state.level1[subscription.conflation]
         if state.empty() and symbol not in self._releases:
             if self._grace_s <= 0:
                 self._release(symbol)
@@ -349,7 +353,12 @@ class Hub:
             and l1.get("bidSize") == bid_size
         ):
             return
-        for key, value in (("ask", ask), ("askSize", ask_size), ("bid", bid), ("bidSize", bid_size)):
+        for key, value in (
+            ("ask", ask),
+            ("askSize", ask_size),
+            ("bid", bid),
+            ("bidSize", bid_size),
+        ):
             if value is None:
                 l1.pop(key, None)
             else:

@@ -172,11 +172,7 @@ class Session:
             return [Send(protocol_error(ProtocolErrorCode.NOT_JSON))]
         if not isinstance(message, dict):
             return [
-                Send(
-                    protocol_error(
-                        ProtocolErrorCode.NOT_JSON, "A message must be a JSON object"
-                    )
-                )
+                Send(protocol_error(ProtocolErrorCode.NOT_JSON, "A message must be a JSON object"))
             ]
         request_id = message.get("requestId")
         if not isinstance(request_id, str) or not request_id:
@@ -207,7 +203,7 @@ class Session:
             Send(
                 protocol_error(
                     ProtocolErrorCode.UNKNOWN_TYPE,
-                    f"Unknown type: expected Subscribe, Unsubscribe or TokenRefresh",
+                    "Unknown type: expected Subscribe, Unsubscribe or TokenRefresh",
                 )
             )
         ]
@@ -226,7 +222,9 @@ class Session:
                 )
             ]
         raw_symbol_type = payload.get("symbolType", SymbolType.CASPIAN.value)
-        symbol_type = _SYMBOL_TYPES.get(raw_symbol_type) if isinstance(raw_symbol_type, str) else None
+        symbol_type = (
+            _SYMBOL_TYPES.get(raw_symbol_type) if isinstance(raw_symbol_type, str) else None
+        )
         if symbol_type is None:
             return [
                 _subscribe_response(
@@ -265,9 +263,7 @@ class Session:
                 )
             ]
         symbol = payload.get("symbol")
-        product = (
-            self._resolve(symbol, symbol_type) if isinstance(symbol, str) and symbol else None
-        )
+        product = self._resolve(symbol, symbol_type) if isinstance(symbol, str) and symbol else None
         if product is None:
             return [_subscribe_response(request_id, SubscribeCode.INVALID_SYMBOL)]
         if self.exchanges is not None and product.exchange not in self.exchanges:

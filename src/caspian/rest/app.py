@@ -166,7 +166,7 @@ _PRODUCTS_BODY = {
     },
 }
 
-_TOKEN_SECURITY = [{"accessToken": []}]
+_TOKEN_SECURITY: list[dict[str, list[str]]] = [{"accessToken": []}]
 
 
 class BodyLimit:
@@ -243,7 +243,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
         version="1.0",
         description="Authentication and reference data of the Caspian market-data service. "
         "The real-time stream is the WebSocket at /v1/stream (see the README).",
-                docs_url="/docs",
+        docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -264,7 +264,12 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return _error(exc.status_code, exc.status_code, str(exc.detail), exc.headers)
+        return _error(
+            exc.status_code,
+            exc.status_code,
+            str(exc.detail),
+            dict(exc.headers) if exc.headers else None,
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> Response:
@@ -425,7 +430,9 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
         await require_token(request)
         body = await _json_body(request)
         if body is _NOT_JSON or not isinstance(body, dict):
-            raise ApiError(400, int(AuthErrorCode.NOT_FORMATTED), "Request is not properly formatted")
+            raise ApiError(
+                400, int(AuthErrorCode.NOT_FORMATTED), "Request is not properly formatted"
+            )
         codes = body.get("exchanges")
         if codes is None or codes == []:
             raise ApiError(400, int(RestErrorCode.NOTHING_SPECIFIED), "No exchange specified")
@@ -459,7 +466,7 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
             **_responses(400, 401, 404, 500, 503),
         },
     )
-    async def product(request: Request, caspianCode: str) -> Response:  # noqa: N803
+    async def product(request: Request, caspianCode: str) -> Response:
         await require_token(request)
         if not caspianCode.strip():
             raise ApiError(400, int(RestErrorCode.NOTHING_SPECIFIED), "No product specified")

@@ -1,0 +1,192 @@
+"""Replays a recording (CONTRACT.md section 6 JSONL, optionally gzip) as a source.
+
+The replay keeps every symbol's book and latest Level1 state as it reads, so a
+symbol first watched in the middle of a file starts from a whole snapshot of
+that moment, never from a diff with no base. Bad lines are reported once each,
+with their line number, and skipped; a partial last line (a recording cut off
+by a crash) ends the file quietly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BufferedIOBase
+from pathlib import Path
+
+from caspian.book import OrderBook
+from caspian.codes import Stream, StreamState
+from caspian.events import (
+    BookEvent,
+    Event,
+    EventFormatError,
+    QuoteEvent,
+    StatusEvent,
+    TradeEvent,
+    from_json,
+)
+from caspian.sources.base import EventSink, Source
+
+log = logging.getLogger(__name__)
+
+#: Events handled between two yields to the event loop at speed 0.
+_BATCH = 2_000
+#: Deepest book kept per symbol; deeper levels of a recording are still applied.
+_SNAPSHOT_LEVELS = 10_000
+
+
+@dataclass
+class _SymbolReplay:
+    book: OrderBook = field(default_factory=OrderBook)
+    has_book: bool = False
+    book_ts: int = 0
+    book_exchange_ts: int | None = None
+    last_trade: TradeEvent | None = None
+    last_quote: QuoteEvent | None = None
+    streams: dict[Stream, StatusEvent] = field(default_factory=dict)
+
+
+def open_recording(path: Path) -> BufferedIOBase:
+    with path.open("rb") as probe:
+        magic = probe.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line number, line, is_last_and_unterminated)`` of a recording.
+
+    A gzip stream cut short ends the iteration after its last whole line,
+    which is how a recording that crashed mid-write reads.
+    """
+    with open_recording(path) as handle:
+        number = 0
+        pending: bytes | None = None
+        try:
+            for line in handle:
+                if pending is not None:
+                    yield number, pending, False
+                number += 1
+                pending = line
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            log.warning("%s: the file ends early (%s); replaying what is complete", path, exc)
+        if pending is not None:
+            yield number, pending, not pending.endswith(b"\n")
+
+
+class ReplaySource(Source):
+    def __init__(self, path: Path, speed: float = 1.0, loop_forever: bool = False) -> None:
+        if speed < 0:
+            raise ValueError("the replay speed must be 0 (as fast as possible) or more")
+        if not path.is_file():
+            raise ValueError(f"no recording at {path}")
+        self.path = path
+        self.speed = speed
+        self.loop_forever = loop_forever
+        self._watched: set[str] = set()
+        self._symbols: dict[str, _SymbolReplay] = {}
+        self._sink: EventSink | None = None
+        self.bad_lines = 0
+        #: Set when a pass over the file has finished (each pass, when looping).
+        self.finished = asyncio.Event()
+
+    def watch(self, symbol: str) -> None:
+        self._watched.add(symbol)
+        state = self._symbols.get(symbol)
+        if self._sink is not None and state is not None:
+            for event in self._catch_up(symbol, state):
+                self._sink(event)
+
+    def unwatch(self, symbol: str) -> None:
+        self._watched.discard(symbol)
+
+    def _catch_up(self, symbol: str, state: _SymbolReplay) -> list[Event]:
+        """What a new watcher needs: stream states, the whole book, last quote and trade."""
+        events: list[Event] = list(state.streams.values())
+        if state.has_book:
+            view = state.book.top(_SNAPSHOT_LEVELS)
+            events.append(
+                BookEvent(
+                    symbol,
+                    state.book_ts,
+                    True,
+                    list(view.bids),
+                    list(view.asks),
+                    state.book_exchange_ts,
+                )
+            )
+        if state.last_quote is not None:
+            events.append(state.last_quote)
+        if state.last_trade is not None:
+            events.append(state.last_trade)
+        return events
+
+    def _track(self, event: Event) -> None:
+        state = self._symbols.get(event.symbol)
+        if state is None:
+            state = self._symbols[event.symbol] = _SymbolReplay()
+        if isinstance(event, BookEvent):
+            if event.snapshot:
+                state.book.apply_snapshot(event.bids, event.asks)
+                state.has_book = True
+            elif state.has_book:
+                state.book.apply_diff(event.bids, event.asks)
+            state.book_ts = event.ts
+            state.book_exchange_ts = event.exchange_ts
+        elif isinstance(event, TradeEvent):
+            state.last_trade = event
+        elif isinstance(event, QuoteEvent):
+            state.last_quote = event
+        else:
+            state.streams[event.stream] = event
+            if event.stream is Stream.DEPTH and event.state is StreamState.DISCONNECTED:
+                state.has_book = False
+
+    async def run(self, sink: EventSink) -> None:
+        self._sink = sink
+        while True:
+            self._symbols.clear()
+            await self._pass(sink)
+            self.finished.set()
+            if not self.loop_forever:
+                break
+            self.finished = asyncio.Event()
+        # Stay alive like any source: the service stops us by cancelling.
+        await asyncio.Event().wait()
+
+    async def _pass(self, sink: EventSink) -> None:
+        first_ts: int | None = None
+        started = time.monotonic()
+        handled = 0
+        for number, line, partial in read_lines(self.path):
+            if not line.strip():
+                continue
+            try:
+                event = from_json(line)
+            except EventFormatError as exc:
+                if partial:
+                    log.warning("%s:%d: partial last line ignored", self.path, number)
+                else:
+                    self.bad_lines += 1
+                    log.warning("%s:%d: bad line skipped: %s", self.path, number, exc)
+                continue
+            if self.speed > 0:
+                if first_ts is None:
+                    first_ts = event.ts
+                due = started + (event.ts - first_ts) / 1_000_000 / self.speed
+                delay = due - time.monotonic()
+                if delay > 0.001:
+                    await asyncio.sleep(delay)
+            else:
+                handled += 1
+                if handled % _BATCH == 0:
+                    await asyncio.sleep(0)
+            self._track(event)
+            if event.symbol in self._watched:
+                sink(event)
