@@ -200,6 +200,8 @@ def serve(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Migrations run at every start; their step-by-step notes are noise there.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     from caspian.server import Listening
     from caspian.server import serve as run_server
     from caspian.store import StoreError

@@ -1,0 +1,5 @@
+"""``python -m caspian`` is the ``caspian`` command."""
+
+from caspian.cli import main
+
+main()
