@@ -17,7 +17,8 @@ from caspian.catalog.builtin import builtin_products
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
 from caspian.catalog.product import ProductSpec
-from caspian.codes import CloseCode, SymbolType
+from caspian.codes import CloseCode, Stream, StreamState, SymbolType
+from caspian.events import StatusEvent
 from caspian.gateway.gateway import Gateway, StreamSettings
 from caspian.gateway.hub import Hub
 from caspian.gateway.session import SessionLimits
@@ -28,9 +29,13 @@ from caspian.sources.base import Source
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import SimProduct, Simulator
 from caspian.store import Store, StoreError
+from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
 
+#: First and longest wait before a failed source is started again.
+SOURCE_RESTART_S = 0.5
+SOURCE_RESTART_MAX_S = 30.0
 #: How often the catalog is re-read, so products imported while running can be streamed.
 CATALOG_REFRESH_S = 15.0
 
@@ -153,7 +158,7 @@ class Service:
         await self.reload_catalog()
         await self.bus.start()
         self._tasks = [
-            asyncio.create_task(self.source.run(self.bus.publish), name="caspian-source"),
+            asyncio.create_task(self._run_source(), name="caspian-source"),
             asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
             asyncio.create_task(self._watch_maintenance(), name="caspian-maintenance"),
         ]
@@ -169,6 +174,34 @@ class Service:
                 await task
         await self.bus.stop()
         await self.store.close()
+
+    async def _run_source(self) -> None:
+        """Keep the source running: a failure is shown to clients, then retried.
+
+        Every watched stream goes ``disconnected`` at once, so no client takes
+        a silent feed for a live one; after a backoff the source starts again
+        and is told every symbol still watched, which brings whole books back.
+        """
+        delay = SOURCE_RESTART_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self.source.run(self.bus.publish)
+                return
+            except Exception:
+                log.exception("the market data source failed; restarting in %.1f s", delay)
+            now = now_us()
+            for symbol in list(self.hub.symbols):
+                for stream in Stream:
+                    self.hub.on_event(StatusEvent(symbol, now, stream, StreamState.DISCONNECTED))
+            if time.monotonic() - started > SOURCE_RESTART_MAX_S:
+                delay = SOURCE_RESTART_S
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SOURCE_RESTART_MAX_S)
+            for symbol in list(self.hub.symbols):
+                # Unwatch first: a source then starts the symbol afresh, snapshot first.
+                self.bus.unwatch(symbol)
+                self.bus.watch(symbol)
 
     async def _refresh_catalog(self) -> None:
         while True:
