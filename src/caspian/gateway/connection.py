@@ -280,30 +280,35 @@ class StreamConnection(asyncio.Protocol):
     # -- outbound --------------------------------------------------------
 
     def deliver(self, prefix: bytes, tail: bytes) -> None:
-        self._write(_text_header(len(prefix) + len(tail)) + prefix + tail)
-
-    def _send(self, message: bytes) -> None:
-        self._write(_text_header(len(message)) + message)
-
-    def _write(self, frame: bytes) -> None:
         if self._closing:
             return
+        header = _text_header(len(prefix) + len(tail))
         if self._paused:
-            self._backlog.append(frame)
-            if len(self._backlog) >= self._gateway.settings.max_queue:
-                log.info("closing a slow client: %d messages undelivered", len(self._backlog))
-                self.close(CloseCode.QUEUE_LIMIT)
+            self._queue(b"".join((header, prefix, tail)))
             return
-        self._out.append(frame)
+        # Pieces are joined once per flush, so a delivery copies its payload once.
+        out = self._out
+        out.append(header)
+        out.append(prefix)
+        out.append(tail)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _send(self, message: bytes) -> None:
+        self.deliver(b"", message)
+
+    def _queue(self, frame: bytes) -> None:
+        self._backlog.append(frame)
+        if len(self._backlog) >= self._gateway.settings.max_queue:
+            log.info("closing a slow client: %d messages undelivered", len(self._backlog))
+            self.close(CloseCode.QUEUE_LIMIT)
 
     def _flush(self) -> None:
         self._flush_handle = None
         out = self._out
         if not out or self._transport is None:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out)
         out.clear()
         self._transport.write(data)
 
