@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,16 +50,45 @@ def _fail(message: str) -> typer.Exit:
 
 def _settings(**overrides: Any) -> Settings:
     try:
-        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
             for error in exc.errors()
         )
         raise _fail(f"invalid settings: {problems}") from None
+    _check_database_url(settings.resolved_database_url)
+    return settings
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse a store URL SQLAlchemy cannot use (syntax, dialect, driver) before starting.
+
+    The store would fail on it too, but with SQLAlchemy's or the import system's own
+    exceptions, which are no store errors.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    try:
+        engine = create_async_engine(url)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise _fail(f"invalid database URL: {exc}") from None
+    # Nothing was connected; this only drops the pool object.
+    engine.sync_engine.dispose()
 
 
 _STORE_OPTIONS: dict[str, Any] = {}
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM stop a long-running command the way Ctrl-C does.
+
+    uvicorn re-raises the signal that stopped it once its own shutdown is done; under
+    SIGTERM's default action the process would die right there, before the service
+    closes its store and bus (or ``record`` its file).
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @app.callback()
@@ -211,6 +241,7 @@ def serve(
         typer.echo(f"Caspian stream:   {listening.stream_url}")
         sys.stdout.flush()
 
+    _stop_on_sigterm()
     try:
         asyncio.run(run_server(settings, ready))
     except KeyboardInterrupt:
@@ -281,6 +312,7 @@ def record(
             recorder.close()
         return recorder
 
+    _stop_on_sigterm()
     try:
         recorder = asyncio.run(run())
     except KeyboardInterrupt:
@@ -343,6 +375,24 @@ def _entitlement(exchange: str | None, all_exchanges: bool) -> str | None:
     return exchange.upper() if exchange else None
 
 
+async def _check_exchange(store: Any, code: str | None) -> None:
+    """Refuse an unknown exchange code.
+
+    The exchanges are seeded first: the CLI may act on a store no server has started on
+    yet, where revoking one exchange from a user allowed all would otherwise leave them
+    none, since the others are looked up in the store.
+    """
+    from caspian.catalog.exchanges import EXCHANGES
+
+    await store.seed_exchanges(EXCHANGES)
+    if code is not None and code not in {c for _, c in await store.list_exchanges()}:
+        raise CliError(f"unknown exchange {code}")
+
+
+def _shown_entitlements(user: Any) -> str:
+    return "ALL" if user.all_exchanges else (",".join(user.exchanges) or "none")
+
+
 @users_app.command("grant")
 def users_grant(
     name: Annotated[str, typer.Argument(help="The user.")],
@@ -353,12 +403,11 @@ def users_grant(
     code = _entitlement(exchange, all_exchanges)
 
     async def action(store: Any) -> Any:
-        if code is not None and code not in {c for _, c in await store.list_exchanges()}:
-            raise CliError(f"unknown exchange {code}")
+        await _check_exchange(store, code)
         return await store.grant(name, code)
 
     user = _with_store(action)
-    typer.echo(f"{user.name}: {'ALL' if user.all_exchanges else ','.join(user.exchanges)}")
+    typer.echo(f"{user.name}: {_shown_entitlements(user)}")
 
 
 @users_app.command("revoke")
@@ -371,11 +420,11 @@ def users_revoke(
     code = _entitlement(exchange, all_exchanges)
 
     async def action(store: Any) -> Any:
+        await _check_exchange(store, code)
         return await store.revoke(name, code)
 
     user = _with_store(action)
-    shown = "ALL" if user.all_exchanges else (",".join(user.exchanges) or "none")
-    typer.echo(f"{user.name}: {shown}")
+    typer.echo(f"{user.name}: {_shown_entitlements(user)}")
 
 
 # -- keys ------------------------------------------------------------------
@@ -448,6 +497,14 @@ def products_import(
         str | None,
         typer.Option("--ccxt", help="Fetch markets live through ccxt, e.g. --ccxt KRAKEN."),
     ] = None,
+    ccxt_url: Annotated[
+        str | None,
+        typer.Option(
+            "--ccxt-url",
+            help="With --ccxt: send every ccxt API request to this base URL instead of the "
+            "exchange's (a mirror, or a recorded exchange served locally).",
+        ),
+    ] = None,
 ) -> None:
     """Load products from ccxt market definitions; re-importing keeps createdTime."""
     from caspian.catalog.ccxt_markets import products_from_ccxt
@@ -455,6 +512,8 @@ def products_import(
 
     if (file is None) == (ccxt_id is None):
         raise _fail("give either --file PATH (with --exchange) or --ccxt EXCHANGE")
+    if ccxt_url is not None and ccxt_id is None:
+        raise _fail("--ccxt-url goes with --ccxt EXCHANGE")
     try:
         if file is not None:
             code = resolve_exchange(exchange, file.stem)
@@ -462,7 +521,7 @@ def products_import(
         else:
             assert ccxt_id is not None
             code = resolve_exchange(ccxt_id, None)
-            markets = asyncio.run(fetch_ccxt_markets(code))
+            markets = asyncio.run(fetch_ccxt_markets(code, api_url=ccxt_url))
         products = products_from_ccxt(code, markets)
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None

@@ -12,9 +12,10 @@ class LoginLimiter:
     """Counts failures in a sliding window; at the limit a subject is locked.
 
     A subject is locked while ``max_failures`` of its failures fall within the
-    last ``window_s`` seconds, so the lock lifts ``window_s`` after the failure
-    that set it. A success does not erase failures: otherwise an attacker who
-    knows one valid login could reset the counter of an address at will.
+    last ``window_s`` seconds, so the lock lifts when the oldest of those is
+    ``window_s`` old: at most ``max_failures`` tries per window. A success does
+    not erase failures: otherwise an attacker who knows one valid login could
+    reset the counter of an address at will.
     """
 
     def __init__(

@@ -105,11 +105,18 @@ def load_or_create_secret(data_dir: Path) -> str:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
+    # Written in full under a name of its own, then linked into place: a process that
+    # finds the key file (a second server starting at the same time) never reads it
+    # half-written, and a crash mid-write leaves no empty key behind.
+    draft = data_dir / f".{_SECRET_FILE}.{uuid.uuid4().hex}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret)
+        os.link(draft, path)
     except FileExistsError:
-        # Another process (a CLI call, a second server) made it first: use theirs.
+        # Another process made it first: use theirs.
         return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
+    finally:
+        draft.unlink()
     return secret

@@ -10,6 +10,8 @@ from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
 
 _CODES = {code for _, code in EXCHANGES}
 _BY_CCXT_ID = {ccxt_id: code for code, ccxt_id in CCXT_IDS.items()}
+#: ccxt ids that ccxt renamed; releases made after a rename no longer know the old id.
+_RENAMED_CCXT_IDS = {"huobi": "htx"}
 
 
 def resolve_exchange(given: str | None, fallback: str | None) -> str:
@@ -28,24 +30,41 @@ def resolve_exchange(given: str | None, fallback: str | None) -> str:
 
 def markets_from_file(path: Path) -> dict[str, Any]:
     try:
-        markets = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        # Bytes rather than text: json detects UTF-8, -16 and -32 by itself.
+        markets = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
     if not isinstance(markets, dict):
         raise ValueError(f"{path} is not a ccxt markets object (symbol -> market)")
     return markets
 
 
-async def fetch_ccxt_markets(code: str, urls: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The exchange's markets through ccxt; ``urls`` overrides its API addresses."""
+async def fetch_ccxt_markets(
+    code: str, urls: dict[str, Any] | None = None, api_url: str | None = None
+) -> dict[str, Any]:
+    """The exchange's markets through ccxt.
+
+    ``urls`` replaces ccxt's table of API addresses for the exchange; ``api_url`` sends
+    every API of the table to that one base address instead (a mirror, or a recording
+    served locally).
+    """
     import ccxt.async_support as ccxt_async
 
     ccxt_id = CCXT_IDS.get(code)
     if ccxt_id is None:
         raise ValueError(f"ccxt does not support {code}")
-    exchange = getattr(ccxt_async, ccxt_id)({"enableRateLimit": False, "timeout": 15_000})
+    exchange_class = getattr(ccxt_async, ccxt_id, None) or getattr(
+        ccxt_async, _RENAMED_CCXT_IDS.get(ccxt_id, ccxt_id), None
+    )
+    if exchange_class is None:
+        raise ValueError(f"the installed ccxt has no exchange {ccxt_id!r} for {code}")
+    exchange = exchange_class({"enableRateLimit": False, "timeout": 15_000})
     if urls is not None:
         exchange.urls["api"] = urls
+    if api_url is not None:
+        table = exchange.urls["api"]
+        base = api_url.rstrip("/")
+        exchange.urls["api"] = {name: base for name in table} if isinstance(table, dict) else base
     try:
         markets = await exchange.load_markets()
     except Exception as exc:

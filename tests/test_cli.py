@@ -1,0 +1,527 @@
+"""The operator's ``caspian`` command, run as a real process on a data directory of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from caspian.catalog.ccxt_markets import products_from_ccxt
+from caspian.catalog.importer import fetch_ccxt_markets
+from tests.support.service import start_service
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "caspian"
+KRAKEN_MARKETS = SRC / "catalog" / "data" / "ccxt" / "kraken.json"
+KRAKEN_RECORDING = Path(__file__).resolve().parent / "fixtures" / "kraken"
+KEY_ID = re.compile(r"[A-Z0-9]{20}")
+PRODUCT_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated$")
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    # Settings the developer's shell may hold must not leak into the command under test.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CASPIAN_")}
+    env["CASPIAN_DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def caspian(
+    data_dir: Path, *args: str, stdin: str | None = None, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "caspian", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=cli_env(data_dir, **env),
+        cwd=data_dir.parent,
+        timeout=timeout,
+    )
+
+
+def ok(data_dir: Path, *args: str, stdin: str | None = None, **env: str) -> str:
+    result = caspian(data_dir, *args, stdin=stdin, **env)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def fails(
+    data_dir: Path, *args: str, stdin: str | None = None, timeout: float = 60, **env: str
+) -> str:
+    """Runs a command that must fail with one line on stderr; returns that line."""
+    result = caspian(data_dir, *args, stdin=stdin, timeout=timeout, **env)
+    assert result.returncode != 0, (args, result.stdout)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def products(data_dir: Path) -> dict[str, dict[str, Any]]:
+    listed = json.loads(ok(data_dir, "products", "list", "--exchange", "KRAKEN", "--json"))
+    return {product["caspianCode"]: product for product in listed}
+
+
+def authenticate(base_url: str, key_id: str, secret: str) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/auth/authenticate",
+        json={"type": "Key", "payload": {"accessKeyID": key_id, "secretAccessKey": secret}},
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    script = shutil.which("caspian")
+    assert script is not None
+    result = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, env=cli_env(tmp_path), timeout=60
+    )
+    assert result.returncode == 0
+    for command in ("serve", "users", "keys", "products", "db"):
+        assert command in result.stdout
+
+
+def test_db_upgrade_creates_and_seeds_the_store(data_dir: Path) -> None:
+    assert ok(data_dir, "db", "upgrade").strip() == "the store is up to date"
+    assert (data_dir / "caspian.db").is_file()
+    # Running it again changes nothing and still succeeds.
+    ok(data_dir, "db", "upgrade")
+    kraken = products(data_dir)
+    assert "FX-BTC/USD=KRAKEN" in kraken
+
+
+def test_users(data_dir: Path) -> None:
+    assert ok(data_dir, "users", "list").strip() == "no users"
+    created = ok(data_dir, "users", "create", "carol", "--password-stdin", stdin="pa ss\n")
+    assert created.strip() == "created user carol"
+    duplicate = fails(data_dir, "users", "create", "carol", "--password-stdin", stdin="x\n")
+    assert "already exists" in duplicate
+    assert "empty" in fails(data_dir, "users", "create", "dan", "--password-stdin", stdin="")
+    assert "--password-stdin" in fails(data_dir, "users", "create", "dan")
+    assert "invalid user name" in fails(
+        data_dir, "users", "create", "no spaces", "--password-stdin", stdin="pw\n"
+    )
+
+    listed = json.loads(ok(data_dir, "users", "list", "--json"))
+    assert [(user["name"], user["credential"], user["exchanges"]) for user in listed] == [
+        ("carol", True, "ALL")
+    ]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", listed[0]["created"])
+    table = ok(data_dir, "users", "list")
+    assert "carol" in table and "ALL" in table
+
+    # On a store no server has seeded yet, revoking one exchange keeps all the others.
+    revoked = ok(data_dir, "users", "revoke", "carol", "kraken").strip()
+    assert revoked.startswith("carol: ")
+    left = revoked.removeprefix("carol: ").split(",")
+    assert len(left) == 21 and "KRAKEN" not in left and "GEMINI" in left
+    assert ok(data_dir, "users", "revoke", "carol", "--all").strip() == "carol: none"
+    assert ok(data_dir, "users", "grant", "carol", "GEMINI").strip() == "carol: GEMINI"
+    assert ok(data_dir, "users", "grant", "carol", "DERIBIT").strip() == "carol: DERIBIT,GEMINI"
+    assert json.loads(ok(data_dir, "users", "list", "--json"))[0]["exchanges"] == "DERIBIT,GEMINI"
+    assert ok(data_dir, "users", "grant", "carol", "--all").strip() == "carol: ALL"
+
+    assert "unknown exchange NOPE" in fails(data_dir, "users", "grant", "carol", "NOPE")
+    assert "unknown exchange NOPE" in fails(data_dir, "users", "revoke", "carol", "NOPE")
+    assert "no user" in fails(data_dir, "users", "grant", "nobody", "--all")
+    assert "--all" in fails(data_dir, "users", "grant", "carol")
+    assert "--all" in fails(data_dir, "users", "grant", "carol", "GEMINI", "--all")
+
+
+def test_keys(data_dir: Path) -> None:
+    out = ok(data_dir, "keys", "create", "--user", "erin", "--json")
+    assert out.count("\n") == 1
+    created = json.loads(out)
+    assert list(created) == ["accessKeyID", "secretAccessKey"]
+    assert KEY_ID.fullmatch(created["accessKeyID"])
+    assert len(created["secretAccessKey"]) >= 40
+
+    plain = caspian(data_dir, "keys", "create", "--user", "erin")
+    assert plain.returncode == 0
+    shown = dict(line.split(":", 1) for line in plain.stdout.strip().splitlines())
+    assert KEY_ID.fullmatch(shown["accessKeyID"].strip())
+    assert len(shown["secretAccessKey"].strip()) >= 40
+    assert "only now" in plain.stderr
+
+    # The key's owner was made on the way, without a password.
+    users = json.loads(ok(data_dir, "users", "list", "--json"))
+    assert [(user["name"], user["credential"]) for user in users] == [("erin", False)]
+
+    listed = json.loads(ok(data_dir, "keys", "list", "--json"))
+    assert [key["accessKeyID"] for key in listed] == [
+        created["accessKeyID"],
+        shown["accessKeyID"].strip(),
+    ]
+    assert all(key["user"] == "erin" and key["revoked"] is False for key in listed)
+    table = ok(data_dir, "keys", "list")
+    assert created["accessKeyID"] in table
+    assert created["secretAccessKey"] not in table
+
+    revoked = ok(data_dir, "keys", "revoke", created["accessKeyID"])
+    assert revoked.strip() == f"revoked {created['accessKeyID']}"
+    after = {
+        key["accessKeyID"]: key["revoked"]
+        for key in json.loads(ok(data_dir, "keys", "list", "--json"))
+    }
+    assert after == {created["accessKeyID"]: True, shown["accessKeyID"].strip(): False}
+    assert "no key" in fails(data_dir, "keys", "revoke", "NOSUCHKEY00000000000")
+    assert "invalid user name" in fails(data_dir, "keys", "create", "--user", "a b")
+
+
+def test_import_from_a_file_keeps_created_time(data_dir: Path, tmp_path: Path) -> None:
+    ok(data_dir, "db", "upgrade")
+    before = products(data_dir)
+    assert "FX-DOT/USD=KRAKEN" not in before
+
+    markets = json.loads(KRAKEN_MARKETS.read_text())
+    markets["BTC/USD"]["precision"]["price"] = 0.5
+    markets["DOT/USD"] = markets["XRP/USD"] | {
+        "id": "DOTUSD",
+        "symbol": "DOT/USD",
+        "base": "DOT",
+        "baseId": "DOT",
+        "quote": "USD",
+        "quoteId": "ZUSD",
+        "precision": {"amount": 1e-08, "price": 0.0001},
+    }
+    changed = tmp_path / "kraken-changed.json"
+    changed.write_text(json.dumps(markets))
+
+    counts = PRODUCT_COUNTS.match(
+        ok(data_dir, "products", "import", "--file", str(changed), "--exchange", "KRAKEN").strip()
+    )
+    assert counts is not None
+    assert (int(counts[1]), int(counts[2])) == (1, len(before))
+    first = products(data_dir)
+    btc, old_btc = first["FX-BTC/USD=KRAKEN"], before["FX-BTC/USD=KRAKEN"]
+    assert btc["tickRule"] == ",,0.5" and old_btc["tickRule"] == ",,0.1"
+    assert btc["createdTime"] == old_btc["createdTime"]
+    assert btc["updatedTime"] > old_btc["updatedTime"]
+    dot = first["FX-DOT/USD=KRAKEN"]
+    assert dot["nativeCode"] == "DOTUSD" and dot["tickRule"] == ",,0.0001"
+    assert dot["description"].endswith(" - US Dollar - FX pair")
+    assert dot["createdTime"] == dot["updatedTime"]
+
+    # Named after the exchange, the file needs no --exchange.
+    named = tmp_path / "kraken.json"
+    shutil.copy(changed, named)
+    again = PRODUCT_COUNTS.match(ok(data_dir, "products", "import", "--file", str(named)).strip())
+    assert again is not None and int(again[1]) == 0
+    second = products(data_dir)
+    assert second["FX-DOT/USD=KRAKEN"]["createdTime"] == dot["createdTime"]
+    assert second["FX-DOT/USD=KRAKEN"]["updatedTime"] > dot["updatedTime"]
+    assert set(second) == set(first)
+
+
+@dataclass
+class RecordedExchange:
+    """Kraken's public REST API played back from recorded answers, over real HTTP."""
+
+    url: str
+    requested: list[str]
+    answers: dict[str, tuple[int, bytes]]
+
+
+@pytest.fixture
+def kraken() -> Iterator[RecordedExchange]:
+    answers = {
+        f"/0/public/{path.stem}": (200, path.read_bytes())
+        for path in KRAKEN_RECORDING.glob("*.json")
+    }
+    requested: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            status, body = answers.get(
+                self.path.partition("?")[0], (404, b'{"error":["EGeneral:Unknown method"]}')
+            )
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield RecordedExchange(f"http://127.0.0.1:{server.server_address[1]}", requested, answers)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+async def test_ccxt_loads_kraken_markets_from_the_recording(kraken: RecordedExchange) -> None:
+    markets = await fetch_ccxt_markets("KRAKEN", api_url=kraken.url)
+    assert set(kraken.requested) == {"/0/public/Assets", "/0/public/AssetPairs"}
+    assert markets["ETH/EUR"]["id"] == "XETHZEUR"
+    assert markets["BTC/EUR"]["active"] is False
+    specs = {spec.caspian_code: spec for spec in products_from_ccxt("KRAKEN", markets)}
+    assert sorted(specs) == [
+        "FX-ADA/USDT=KRAKEN",
+        "FX-BTC/USD=KRAKEN",
+        "FX-ETH/BTC=KRAKEN",
+        "FX-ETH/EUR=KRAKEN",
+    ]
+    eth = specs["FX-ETH/BTC=KRAKEN"]
+    assert (eth.native_code, eth.tick_rule, eth.lot_size) == ("XETHXXBT", ",,0.00001", "0.00000001")
+    assert eth.pseudo_code == "ETHBTC=KRAKEN"
+
+
+def test_import_through_ccxt(data_dir: Path, kraken: RecordedExchange) -> None:
+    assert "--ccxt-url" in ok(data_dir, "products", "import", "--help")
+    ok(data_dir, "db", "upgrade")
+    before = products(data_dir)
+    counts = PRODUCT_COUNTS.match(
+        ok(data_dir, "products", "import", "--ccxt", "KRAKEN", "--ccxt-url", kraken.url).strip()
+    )
+    assert counts is not None
+    assert {"/0/public/Assets", "/0/public/AssetPairs"} <= set(kraken.requested)
+    after = products(data_dir)
+    new = {"FX-ETH/EUR=KRAKEN", "FX-ETH/BTC=KRAKEN"}
+    assert (int(counts[1]), int(counts[2])) == (len(new), 2)
+    assert set(after) == set(before) | new
+    assert after["FX-ETH/EUR=KRAKEN"]["nativeCode"] == "XETHZEUR"
+    assert after["FX-ETH/EUR=KRAKEN"]["tickRule"] == ",,0.01"
+    # The pair Kraken lists as cancel_only is not tradable, so not a product.
+    assert "FX-BTC/EUR=KRAKEN" not in after
+    assert after["FX-BTC/USD=KRAKEN"]["createdTime"] == before["FX-BTC/USD=KRAKEN"]["createdTime"]
+    assert after["FX-BTC/USD=KRAKEN"]["updatedTime"] > before["FX-BTC/USD=KRAKEN"]["updatedTime"]
+
+    # An exchange answering with an error is reported, not crashed on.
+    kraken.answers["/0/public/AssetPairs"] = (
+        200,
+        b'{"error":["EService:Unavailable"],"result":{}}',
+    )
+    failure = fails(data_dir, "products", "import", "--ccxt", "KRAKEN", "--ccxt-url", kraken.url)
+    assert "could not load KRAKEN markets" in failure
+
+
+def test_import_refuses_bad_input(data_dir: Path, tmp_path: Path) -> None:
+    not_json = tmp_path / "markets.json"
+    not_json.write_text("this is { not json")
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1, 2]")
+    nothing = tmp_path / "nothing.json"
+    nothing.write_text("{}")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    existing = str(KRAKEN_MARKETS)
+    cases: list[tuple[list[str], str]] = [
+        (["--file", str(tmp_path / "missing.json"), "--exchange", "KRAKEN"], "No such file"),
+        (["--file", str(not_json), "--exchange", "KRAKEN"], "is not JSON"),
+        (["--file", str(binary), "--exchange", "KRAKEN"], "is not JSON"),
+        (["--file", str(a_list), "--exchange", "KRAKEN"], "not a ccxt markets object"),
+        (["--file", str(nothing), "--exchange", "KRAKEN"], "no product could be read"),
+        (["--file", existing, "--exchange", "NOWHERE"], "unknown exchange 'NOWHERE'"),
+        (["--file", str(not_json)], "name the exchange"),
+        (["--ccxt", "NOWHERE"], "unknown exchange 'NOWHERE'"),
+        (["--ccxt", "BTCC"], "ccxt does not support BTCC"),
+        (["--file", existing, "--ccxt", "KRAKEN"], "either --file"),
+        ([], "either --file"),
+        (["--file", existing, "--ccxt-url", "http://127.0.0.1:9"], "--ccxt-url"),
+    ]
+    for args, expected in cases:
+        assert expected in fails(data_dir, "products", "import", *args), args
+    # Each was refused before the store was touched.
+    assert products(data_dir) == {}
+
+
+def test_invalid_database_urls_are_one_line(data_dir: Path) -> None:
+    for url in ("not a url", "nosuchdialect://x/y", "sqlite:///sync-driver.db"):
+        line = fails(data_dir, "users", "list", CASPIAN_DATABASE_URL=url)
+        assert "invalid database URL" in line
+    assert "invalid database URL" in fails(
+        data_dir, "serve", "--port", "0", timeout=30, CASPIAN_DATABASE_URL="not a url"
+    )
+
+
+def test_cli_acts_on_the_store_of_a_running_server(data_dir: Path) -> None:
+    running = start_service(data_dir)
+    try:
+        created = json.loads(ok(data_dir, "keys", "create", "--user", "frank", "--json"))
+        login = authenticate(running.base_url, created["accessKeyID"], created["secretAccessKey"])
+        assert login.status_code == 200
+        headers = {"Authorization": login.json()["accessToken"]}
+        exchanges = httpx.get(
+            f"{running.base_url}/v1/reference/exchanges", headers=headers, timeout=30
+        )
+        assert exchanges.status_code == 200 and len(exchanges.json()) == 22
+
+        ok(data_dir, "users", "create", "gina", "--password-stdin", stdin="gina-pass\n")
+        credential = httpx.post(
+            f"{running.base_url}/v1/auth/authenticate",
+            json={"type": "Credential", "payload": {"user": "gina", "pass": "gina-pass"}},
+            timeout=30,
+        )
+        assert credential.status_code == 200
+
+        markets = json.loads(KRAKEN_MARKETS.read_text())
+        markets["BTC/USD"]["precision"]["price"] = 0.25
+        changed = data_dir.parent / "kraken.json"
+        changed.write_text(json.dumps(markets))
+        ok(data_dir, "products", "import", "--file", str(changed))
+        product = httpx.get(
+            f"{running.base_url}/v1/reference/products/FX-BTC/USD=KRAKEN",
+            headers=headers,
+            timeout=30,
+        )
+        assert product.status_code == 200 and product.json()["tickRule"] == ",,0.25"
+
+        ok(data_dir, "keys", "revoke", created["accessKeyID"])
+        refused = httpx.get(
+            f"{running.base_url}/v1/reference/exchanges", headers=headers, timeout=30
+        )
+        assert refused.status_code == 401
+        again = authenticate(running.base_url, created["accessKeyID"], created["secretAccessKey"])
+        assert again.status_code == 401
+    finally:
+        running.stop()
+
+
+class Served:
+    """``caspian serve`` as a child process, with the addresses it printed."""
+
+    def __init__(self, data_dir: Path, *args: str, **env: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "caspian", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(data_dir, CASPIAN_LOG_LEVEL="warning", **env),
+            cwd=data_dir.parent,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = self.process.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        printed: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while len(printed) < 2:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                _, stderr = self.process.communicate()
+                raise AssertionError(f"serve printed no addresses: {stderr}") from None
+            label, _, url = line.partition(": ")
+            printed[label] = url.strip()
+        self.rest_url = printed["Caspian REST API"]
+        self.stream_url = printed["Caspian stream"]
+
+    @property
+    def base_url(self) -> str:
+        return self.rest_url.removesuffix("/v1")
+
+    def stop(self, how: signal.Signals) -> tuple[int, str, float]:
+        """Send the signal; the exit code, stderr and how long stopping took."""
+        started = time.monotonic()
+        self.process.send_signal(how)
+        try:
+            _, stderr = self.process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return self.process.returncode, stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_serve_answers_and_stops_cleanly(data_dir: Path, how: signal.Signals) -> None:
+    created = json.loads(ok(data_dir, "keys", "create", "--user", "hank", "--json"))
+    served = Served(data_dir)
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", served.rest_url)
+        port = served.rest_url.rsplit(":", 1)[1].removesuffix("/v1")
+        assert served.stream_url == f"ws://127.0.0.1:{port}/v1/stream"
+        login = authenticate(served.base_url, created["accessKeyID"], created["secretAccessKey"])
+        assert login.status_code == 200
+        token = login.json()["accessToken"]
+        exchanges = httpx.get(
+            f"{served.rest_url}/reference/exchanges", headers={"Authorization": token}, timeout=30
+        )
+        assert exchanges.status_code == 200
+        assert {"name": "Kraken", "code": "KRAKEN"} in exchanges.json()
+
+        # No CASPIAN_JWT_SECRET: the key is generated once, kept private, and signs tokens.
+        secret_file = data_dir / "jwt-secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        secret = secret_file.read_text().strip()
+        claims = jwt.decode(token, secret, algorithms=["HS256"], issuer="Caspian Tech")
+        assert claims["sub"] == created["accessKeyID"]
+    finally:
+        code, stderr, took = served.stop(how)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert took < 10
+    # SQLite folds its write-ahead log back and deletes it when the last connection
+    # closes: a server killed before closing its store leaves the file behind.
+    assert not (data_dir / "caspian.db-wal").exists()
+
+
+def test_serve_with_a_configured_signing_key(data_dir: Path) -> None:
+    configured = "a-signing-key-given-by-the-operator-0123456789"
+    created = json.loads(ok(data_dir, "keys", "create", "--user", "ivy", "--json"))
+    served = Served(data_dir, CASPIAN_JWT_SECRET=configured)
+    try:
+        login = authenticate(served.base_url, created["accessKeyID"], created["secretAccessKey"])
+        assert login.status_code == 200
+        token = login.json()["accessToken"]
+        claims = jwt.decode(token, configured, algorithms=["HS256"], issuer="Caspian Tech")
+        assert claims["sub"] == created["accessKeyID"]
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(token, "some-other-key-of-enough-length-0123456789", algorithms=["HS256"])
+        assert not (data_dir / "jwt-secret").exists()
+    finally:
+        code, stderr, _ = served.stop(signal.SIGTERM)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CASPIAN_PORT": "notaport"}, "port"),
+        ({"CASPIAN_PORT": "70000"}, "port"),
+        ({"CASPIAN_MAINTENANCE": "garbage"}, "maintenance"),
+        ({"CASPIAN_TOKEN_TTL_S": "-5"}, "token_ttl_s"),
+        ({"CASPIAN_JWT_SECRET": "too-short"}, "at least 32 characters"),
+        ({"CASPIAN_SOURCE": "carrier-pigeon"}, "unsupported source"),
+    ],
+)
+def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], expected: str) -> None:
+    # A free port unless the case is about the port, and a timeout: a setting wrongly
+    # accepted would otherwise leave a server running.
+    line = fails(data_dir, "serve", timeout=30, **({"CASPIAN_PORT": "0"} | env))
+    assert expected in line
