@@ -30,7 +30,7 @@ def test_every_product_simulates(spec: object) -> None:
     book = OrderBook()
     ts = 1_700_000_000_000_000
     events = simulator.start(ts)
-    for step in range(50):
+    for _ in range(50):
         ts += 50_000
         events += simulator.step(ts)
     for event in events:

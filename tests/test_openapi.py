@@ -29,6 +29,7 @@ CHECKS = [
     st_checks.negative_data_rejection,
     st_checks.ignored_auth,
     st_checks.unsupported_method,
+    st_checks.positive_data_acceptance,
 ]
 OPERATIONS = {
     "POST /v1/auth/authenticate",

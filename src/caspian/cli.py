@@ -57,25 +57,7 @@ def _settings(**overrides: Any) -> Settings:
             for error in exc.errors()
         )
         raise _fail(f"invalid settings: {problems}") from None
-    _check_database_url(settings.resolved_database_url)
     return settings
-
-
-def _check_database_url(url: str) -> None:
-    """Refuse a store URL SQLAlchemy cannot use (syntax, dialect, driver) before starting.
-
-    The store would fail on it too, but with SQLAlchemy's or the import system's own
-    exceptions, which are no store errors.
-    """
-    from sqlalchemy.exc import SQLAlchemyError
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    try:
-        engine = create_async_engine(url)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise _fail(f"invalid database URL: {exc}") from None
-    # Nothing was connected; this only drops the pool object.
-    engine.sync_engine.dispose()
 
 
 _STORE_OPTIONS: dict[str, Any] = {}

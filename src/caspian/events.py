@@ -173,7 +173,9 @@ def from_dict(raw: Any) -> Event:
         size = _number(raw, "size")
         assert price is not None and size is not None
         trade_id = raw.get("tradeId")
-        if trade_id is not None and not isinstance(trade_id, str | int):
+        if trade_id is not None and (
+            isinstance(trade_id, bool) or not isinstance(trade_id, str | int)
+        ):
             raise EventFormatError("'tradeId' must be a string")
         info = raw.get("info") or {}
         if not isinstance(info, dict):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caspian.auth.ratelimit import LoginLimiter
 from caspian.auth.tokens import TokenExpired, TokenService
+from caspian.catalog.exchanges import EXCHANGES
 from caspian.codes import (
     AUTH_ERROR_MESSAGES,
     DATABASE_ERROR_MESSAGE,
@@ -125,27 +126,31 @@ _PRODUCT_SCHEMA: dict[str, Any] = {
     },
 }
 
+
+def _login(type_: str, fields: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["type", "payload"],
+        "properties": {
+            "type": {"type": "string", "const": type_},
+            "payload": {
+                "type": "object",
+                "required": list(fields),
+                "properties": {name: {"type": "string", "minLength": 1} for name in fields},
+            },
+        },
+    }
+
+
 _AUTH_BODY = {
     "required": True,
     "content": {
         "application/json": {
             "schema": {
-                "type": "object",
-                "required": ["type", "payload"],
-                "properties": {
-                    "type": {"type": "string", "enum": ["Key", "Credential"]},
-                    "payload": {
-                        "type": "object",
-                        "description": "Key: accessKeyID and secretAccessKey; "
-                        "Credential: user and pass",
-                        "properties": {
-                            "accessKeyID": {"type": "string"},
-                            "secretAccessKey": {"type": "string"},
-                            "user": {"type": "string"},
-                            "pass": {"type": "string"},
-                        },
-                    },
-                },
+                "oneOf": [
+                    _login("Key", ("accessKeyID", "secretAccessKey")),
+                    _login("Credential", ("user", "pass")),
+                ]
             }
         }
     },
@@ -159,7 +164,11 @@ _PRODUCTS_BODY = {
                 "type": "object",
                 "required": ["exchanges"],
                 "properties": {
-                    "exchanges": {"type": "array", "items": {"type": "string"}, "minItems": 1}
+                    "exchanges": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": [code for _, code in EXCHANGES]},
+                        "minItems": 1,
+                    }
                 },
             }
         }
@@ -466,7 +475,17 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
             **_responses(400, 401, 404, 500, 503),
         },
     )
-    async def product(request: Request, caspianCode: str) -> Response:
+    async def product(
+        request: Request,
+        caspianCode: Annotated[
+            str,
+            # Described, not enforced: a blank code gets the original's 4001 answer.
+            Path(
+                description="A Caspian code, raw or percent-encoded",
+                json_schema_extra={"pattern": r"^\S+$"},
+            ),
+        ],
+    ) -> Response:
         await require_token(request)
         if not caspianCode.strip():
             raise ApiError(400, int(RestErrorCode.NOTHING_SPECIFIED), "No product specified")

@@ -27,7 +27,13 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, event, exists, select
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -245,14 +251,20 @@ class Store:
     """
 
     def __init__(self, url: str) -> None:
-        self._url = make_url(url)
-        options: dict[str, Any] = {"pool_pre_ping": True}
-        if self._url.get_backend_name() == "postgresql":
-            options["connect_args"] = {
-                "timeout": _PG_CONNECT_TIMEOUT,
-                "command_timeout": _PG_COMMAND_TIMEOUT,
-            }
-        self._engine: AsyncEngine = create_async_engine(self._url, **options)
+        try:
+            self._url = make_url(url)
+            options: dict[str, Any] = {"pool_pre_ping": True}
+            if self._url.get_backend_name() == "postgresql":
+                options["connect_args"] = {
+                    "timeout": _PG_CONNECT_TIMEOUT,
+                    "command_timeout": _PG_COMMAND_TIMEOUT,
+                }
+            self._engine: AsyncEngine = create_async_engine(self._url, **options)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            # A URL SQLAlchemy cannot use, or whose driver is not installed.
+            raise ValueError(
+                f"invalid database URL (want sqlite+aiosqlite:// or postgresql+asyncpg://): {exc}"
+            ) from None
         if self._is_sqlite:
             event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
             event.listen(self._engine.sync_engine, "begin", _on_sqlite_begin)
