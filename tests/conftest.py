@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.postgres import postgres_server
+
+__all__ = ["data_dir", "postgres_server", "service"]
+
 if TYPE_CHECKING:
     from tests.support.service import RunningService
 

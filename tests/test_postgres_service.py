@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401
+from tests.support.postgres import PostgresServer
 from tests.support.service import RunningService, start_service
 
 DATABASE_ERROR = {"code": 5001, "message": "Could not access the database"}
@@ -50,7 +50,7 @@ def outage_server() -> Iterator[PostgresServer]:
 
 
 def test_service_serves_from_postgres(
-    postgres_server: PostgresServer,  # noqa: F811
+    postgres_server: PostgresServer,
     tmp_path: Path,
 ) -> None:
     url = postgres_server.create_database(f"service_{uuid.uuid4().hex}")

@@ -33,7 +33,7 @@ from caspian.store import (
     StoreUnavailable,
 )
 from caspian.store.models import Base
-from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401
+from tests.support.postgres import PostgresServer
 
 TABLES = {"users", "entitlements", "api_keys", "exchanges", "products"}
 
