@@ -110,7 +110,19 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
 # -- serve -----------------------------------------------------------------
 
 
-@app.command()
+def _settings_help() -> str:
+    """Every CASPIAN_* variable with its meaning and default, for ``serve --help``."""
+    lines = ["Environment variables (a flag, where there is one, wins):", ""]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        if isinstance(default, list):
+            default = ",".join(str(item) for item in default)
+        lines.append(f"CASPIAN_{name.upper()}: {field.description} [default: {default}]")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command(epilog=_settings_help())
 def serve(
     host: Annotated[
         str | None, typer.Option(help="Listening address [env: CASPIAN_HOST; default 127.0.0.1]")

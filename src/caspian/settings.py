@@ -65,7 +65,10 @@ class Settings(BaseSettings):
         5, gt=0, description="Failed logins per key, user or address before 429."
     )
     auth_window_s: float = Field(
-        60.0, gt=0, description="Window in which failed logins count, and the lockout length."
+        60.0,
+        gt=0,
+        description="Window in which failed logins count; a locked subject may try again "
+        "once the oldest of its counted failures is this old.",
     )
     simulator_seed: int = Field(1, description="Seed of the built-in market simulator.")
     simulator_rate: float = Field(
