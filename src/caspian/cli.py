@@ -290,6 +290,8 @@ def record(
         if unknown:
             raise CliError(f"unknown symbol: {', '.join(unknown[:5])}")
         feed = make_source(settings, catalog.get)
+        if feed is None:
+            raise CliError("record needs a source: simulator, replay:PATH or live:EXCHANGE,...")
         recorder = Recorder(out, set(chosen), int(rotate_mb * 1_000_000) if rotate_mb else None)
         tasks = [asyncio.create_task(feed.run(recorder.write)), asyncio.create_task(recorder.run())]
         for code in chosen:

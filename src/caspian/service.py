@@ -13,6 +13,7 @@ from caspian.auth.ratelimit import LoginLimiter
 from caspian.auth.tokens import TokenService, load_or_create_secret
 from caspian.bus.base import Bus
 from caspian.bus.memory import MemoryBus
+from caspian.bus.nats import NatsBus
 from caspian.catalog.builtin import builtin_products
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
@@ -67,8 +68,11 @@ def sim_product(spec: ProductSpec) -> SimProduct:
     )
 
 
-def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]) -> Source:
+def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]) -> Source | None:
+    """The configured source; None for ``none``, a gateway fed by another instance over NATS."""
     kind = settings.source.partition(":")[0]
+    if kind == "none":
+        return None
     if kind == "simulator":
 
         def lookup(symbol: str) -> SimProduct | None:
@@ -86,13 +90,26 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
         if not path:
             raise ValueError("name the recording: replay:PATH")
         return ReplaySource(Path(path), settings.replay_speed, settings.replay_loop)
-    raise ValueError(f"unsupported source {settings.source!r}: use simulator or replay:PATH")
+    if kind == "live":
+        # Imported here: ccxt.pro takes half a second to import, and only this source needs it.
+        from caspian.sources.live import LiveSource, parse_exchanges, urls_from_env
+
+        exchanges = parse_exchanges(settings.source.partition(":")[2])
+        return LiveSource(exchanges, product, urls=urls_from_env())
+    raise ValueError(
+        f"unsupported source {settings.source!r}: "
+        "use simulator, replay:PATH, live:EXCHANGE,... or none"
+    )
 
 
-def make_bus(settings: Settings, source: Source) -> Bus:
+def make_bus(settings: Settings, source: Source | None) -> Bus:
     if settings.bus == "memory":
+        if source is None:
+            raise ValueError("a gateway with no source of its own needs a nats:// bus")
         return MemoryBus(source)
-    raise ValueError(f"unsupported bus {settings.bus!r}: this version supports 'memory'")
+    if settings.bus.startswith(("nats://", "tls://")):
+        return NatsBus(settings.bus, source)
+    raise ValueError(f"unsupported bus {settings.bus!r}: use memory or a nats:// URL")
 
 
 class Service:
@@ -158,10 +175,13 @@ class Service:
         await self.reload_catalog()
         await self.bus.start()
         self._tasks = [
-            asyncio.create_task(self._run_source(), name="caspian-source"),
             asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
             asyncio.create_task(self._watch_maintenance(), name="caspian-maintenance"),
         ]
+        if self.source is not None:
+            self._tasks.append(
+                asyncio.create_task(self._run_source(self.source), name="caspian-source")
+            )
         self.gateway.start()
 
     async def stop(self) -> None:
@@ -175,7 +195,7 @@ class Service:
         await self.bus.stop()
         await self.store.close()
 
-    async def _run_source(self) -> None:
+    async def _run_source(self, source: Source) -> None:
         """Keep the source running: a failure is shown to clients, then retried.
 
         Every watched stream goes ``disconnected`` at once, so no client takes
@@ -186,7 +206,7 @@ class Service:
         while True:
             started = time.monotonic()
             try:
-                await self.source.run(self.bus.publish)
+                await source.run(self.bus.publish)
                 return
             except Exception:
                 log.exception("the market data source failed; restarting in %.1f s", delay)

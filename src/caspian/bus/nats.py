@@ -1,0 +1,399 @@
+"""The NATS bus: one source feeds any number of gateways, on any machines.
+
+Subjects, under a prefix (``caspian``):
+
+- ``<prefix>.md.<symbol>``: the symbol's events, as replay-format JSON with two
+  more fields, ``seq`` (1, 2, 3… per symbol) and ``epoch`` (one id per start
+  of the source side). A gateway only subscribes to the symbols its clients
+  watch.
+- ``<prefix>.interest``: each gateway's whole set of watched symbols, sent on
+  every change and renewed every ``lease_s / 3`` seconds; the source side
+  watches the union of all live leases, so a gateway that dies without a word
+  stops costing upstream work once its lease runs out.
+- ``<prefix>.snapshot.<symbol>``: request/reply; the answer is the symbol's
+  whole current state (stream states, book, last quote and trade) as events,
+  with the ``seq`` and ``epoch`` it is valid at.
+
+How a gateway gets a whole book, and notices a gap: it subscribes to the
+symbol's events first and buffers them, asks for a snapshot, applies it, then
+applies the buffered events numbered after it. From then on each event must
+carry the next number of the same epoch. A number skipped (a message lost,
+the gateway's NATS connection dropped) or a new epoch (the source restarted)
+marks depth ``disconnected`` for its clients at once and starts the same
+join again, which ends in a whole top-N for every Level2 client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from caspian.bus.base import Bus
+from caspian.codes import Stream, StreamState
+from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
+from caspian.sources.base import Source
+from caspian.sources.tracker import SymbolTracker
+from caspian.timefmt import now_us
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "caspian"
+#: How long a gateway's interest lasts without renewal.
+DEFAULT_LEASE_S = 10.0
+#: How long a gateway waits for a snapshot before asking again.
+SNAPSHOT_TIMEOUT_S = 2.0
+
+
+def symbol_token(symbol: str) -> str:
+    """A symbol as one subject token: NATS gives '.', '*' and '>' meanings."""
+    return (
+        symbol.replace("%", "%25")
+        .replace(".", "%2E")
+        .replace("*", "%2A")
+        .replace(">", "%3E")
+        .replace(" ", "%20")
+    )
+
+
+class _SourceSide:
+    """Beside the source: numbers and publishes its events, answers snapshots, follows interest."""
+
+    def __init__(self, nc: Client, source: Source, prefix: str, lease_s: float) -> None:
+        self._nc = nc
+        self._source = source
+        self._prefix = prefix
+        self._lease_s = lease_s
+        self.epoch = uuid.uuid4().hex[:12]
+        self._seq: dict[str, int] = {}
+        self._tracker = SymbolTracker()
+        self._leases: dict[str, tuple[frozenset[str], float]] = {}
+        self._watched: set[str] = set()
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscriptions: list[NatsSubscription] = []
+
+    async def start(self) -> None:
+        self._subscriptions = [
+            await self._nc.subscribe(f"{self._prefix}.interest", cb=self._on_interest),
+            await self._nc.subscribe(f"{self._prefix}.snapshot.*", cb=self._on_snapshot),
+        ]
+        self._tasks = [
+            asyncio.create_task(self._send(), name="caspian-nats-publish"),
+            asyncio.create_task(self._expire(), name="caspian-nats-leases"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    def publish(self, event: Event) -> None:
+        symbol = event.symbol
+        if symbol not in self._watched:
+            return
+        self._tracker.track(event)
+        seq = self._seq.get(symbol, 0) + 1
+        self._seq[symbol] = seq
+        message = to_dict(event)
+        message["seq"] = seq
+        message["epoch"] = self.epoch
+        self._outbox.append((f"{self._prefix}.md.{symbol_token(symbol)}", orjson.dumps(message)))
+        self._wake.set()
+
+    async def _send(self) -> None:
+        # The source's sink is synchronous; a NATS publish is a coroutine. A
+        # queue drained by one task keeps events in order at no task-per-event cost.
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                subject, payload = self._outbox.popleft()
+                await self._nc.publish(subject, payload)
+
+    async def _on_snapshot(self, msg: Msg) -> None:
+        symbol = msg.data.decode(errors="replace")
+        reply = {
+            "epoch": self.epoch,
+            "seq": self._seq.get(symbol, 0),
+            "events": [to_dict(event) for event in self._tracker.catch_up(symbol)],
+        }
+        await msg.respond(orjson.dumps(reply))
+
+    async def _on_interest(self, msg: Msg) -> None:
+        try:
+            body = orjson.loads(msg.data)
+            gateway = str(body["gateway"])
+            symbols = frozenset(str(symbol) for symbol in body["symbols"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignoring a malformed interest message")
+            return
+        if symbols:
+            self._leases[gateway] = (symbols, time.monotonic() + self._lease_s)
+        else:
+            self._leases.pop(gateway, None)
+        self._follow_interest()
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            now = time.monotonic()
+            for gateway in [g for g, (_, until) in self._leases.items() if until < now]:
+                log.info("interest of gateway %s expired", gateway)
+                del self._leases[gateway]
+            self._follow_interest()
+
+    def _follow_interest(self) -> None:
+        wanted: set[str] = set()
+        for symbols, _ in self._leases.values():
+            wanted |= symbols
+        for symbol in wanted - self._watched:
+            self._watched.add(symbol)
+            self._source.watch(symbol)
+        for symbol in self._watched - wanted:
+            self._watched.discard(symbol)
+            self._source.unwatch(symbol)
+            self._tracker.forget(symbol)
+            self._seq.pop(symbol, None)
+
+
+class _Feed:
+    """A gateway's view of one symbol's event stream."""
+
+    def __init__(self) -> None:
+        self.subscription: NatsSubscription | None = None
+        self.live = False
+        self.epoch: str | None = None
+        self.seq = 0
+        self.buffer: list[tuple[str, int, dict[str, Any]]] = []
+        self.joining: asyncio.Task[None] | None = None
+
+
+class NatsBus(Bus):
+    def __init__(
+        self,
+        url: str,
+        source: Source | None,
+        prefix: str = DEFAULT_PREFIX,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> None:
+        super().__init__()
+        self._url = url
+        self._source = source
+        self._prefix = prefix
+        self._lease_s = lease_s
+        self._nc: Client | None = None
+        self._source_side: _SourceSide | None = None
+        self._gateway_id = uuid.uuid4().hex[:12]
+        self._feeds: dict[str, _Feed] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewal: asyncio.Task[None] | None = None
+        #: Gaps seen and resyncs done, for tests and metrics.
+        self.resyncs = 0
+
+    async def start(self) -> None:
+        self._nc = await nats.connect(
+            self._url,
+            name=f"caspian-{self._gateway_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            error_cb=self._on_error,
+        )
+        if self._source is not None:
+            self._source_side = _SourceSide(self._nc, self._source, self._prefix, self._lease_s)
+            await self._source_side.start()
+        self._renewal = asyncio.create_task(self._renew(), name="caspian-nats-interest")
+
+    async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._nc is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                f"{self._prefix}.interest",
+                orjson.dumps({"gateway": self._gateway_id, "symbols": []}),
+            )
+        if self._source_side is not None:
+            await self._source_side.stop()
+        with contextlib.suppress(Exception):
+            await self._nc.drain()
+        self._nc = None
+
+    # -- source side -------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        if self._source_side is not None:
+            self._source_side.publish(event)
+
+    # -- gateway side ------------------------------------------------------
+
+    def watch(self, symbol: str) -> None:
+        if symbol in self._feeds:
+            return
+        feed = self._feeds[symbol] = _Feed()
+        self._spawn(self._subscribe(symbol, feed))
+        self._announce()
+
+    def unwatch(self, symbol: str) -> None:
+        feed = self._feeds.pop(symbol, None)
+        if feed is None:
+            return
+        if feed.joining is not None:
+            feed.joining.cancel()
+        if feed.subscription is not None:
+            self._spawn(feed.subscription.unsubscribe())
+        self._announce()
+
+    async def _subscribe(self, symbol: str, feed: _Feed) -> None:
+        assert self._nc is not None
+
+        async def on_event(msg: Msg) -> None:
+            self._on_event(symbol, feed, msg.data)
+
+        feed.subscription = await self._nc.subscribe(
+            f"{self._prefix}.md.{symbol_token(symbol)}", cb=on_event
+        )
+        if self._feeds.get(symbol) is not feed:
+            await feed.subscription.unsubscribe()
+            return
+        self._join(symbol, feed)
+
+    def _join(self, symbol: str, feed: _Feed) -> None:
+        feed.live = False
+        feed.buffer = []
+        if feed.joining is None or feed.joining.done():
+            feed.joining = self._spawn(self._take_snapshot(symbol, feed))
+
+    async def _take_snapshot(self, symbol: str, feed: _Feed) -> None:
+        delay = 0.2
+        while self._feeds.get(symbol) is feed:
+            nc = self._nc
+            if nc is None:
+                return
+            try:
+                msg = await nc.request(
+                    f"{self._prefix}.snapshot.{symbol_token(symbol)}",
+                    symbol.encode(),
+                    timeout=SNAPSHOT_TIMEOUT_S,
+                )
+                reply = orjson.loads(msg.data)
+                epoch, seq = str(reply["epoch"]), int(reply["seq"])
+                events = [from_dict(raw) for raw in reply["events"]]
+            except (TimeoutError, nats.errors.Error, EventFormatError, KeyError, ValueError):
+                # No source answering yet, or NATS is away: keep trying.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._deliver_all(events)
+            feed.epoch, feed.seq, feed.live = epoch, seq, True
+            buffered, feed.buffer = feed.buffer, []
+            for event_epoch, event_seq, raw in buffered:
+                if not self._accept(symbol, feed, event_epoch, event_seq, raw):
+                    break
+            return
+
+    def _on_event(self, symbol: str, feed: _Feed, data: bytes) -> None:
+        try:
+            raw = orjson.loads(data)
+            epoch, seq = str(raw.pop("epoch")), int(raw.pop("seq"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed event for %s", symbol)
+            return
+        if not feed.live:
+            feed.buffer.append((epoch, seq, raw))
+            return
+        self._accept(symbol, feed, epoch, seq, raw)
+
+    def _accept(self, symbol: str, feed: _Feed, epoch: str, seq: int, raw: dict[str, Any]) -> bool:
+        """Apply one numbered event; False when a gap sent the feed back to joining."""
+        if epoch == feed.epoch and seq <= feed.seq:
+            return True  # already part of the snapshot
+        if epoch != feed.epoch or seq != feed.seq + 1:
+            log.warning(
+                "gap in %s (epoch %s seq %d after epoch %s seq %d): resyncing",
+                symbol,
+                epoch,
+                seq,
+                feed.epoch,
+                feed.seq,
+            )
+            self.resyncs += 1
+            self._mark_disconnected(symbol)
+            self._join(symbol, feed)
+            return False
+        feed.seq = seq
+        try:
+            event = from_dict(raw)
+        except EventFormatError as exc:
+            log.warning("ignoring a bad event for %s: %s", symbol, exc)
+            return True
+        self._deliver_all([event])
+        return True
+
+    def _deliver_all(self, events: list[Event]) -> None:
+        handler = self.handler
+        if handler is not None:
+            for event in events:
+                handler(event)
+
+    def _mark_disconnected(
+        self, symbol: str, streams: tuple[Stream, ...] = (Stream.DEPTH,)
+    ) -> None:
+        ts = now_us()
+        self._deliver_all(
+            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in streams]
+        )
+
+    def _announce(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        message = orjson.dumps({"gateway": self._gateway_id, "symbols": sorted(self._feeds)})
+        self._spawn(nc.publish(f"{self._prefix}.interest", message))
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            if self._feeds:
+                self._announce()
+
+    async def _on_disconnected(self) -> None:
+        # Every watched stream may now miss events: say so at once.
+        for symbol in self._feeds:
+            self._mark_disconnected(symbol, tuple(Stream))
+
+    async def _on_reconnected(self) -> None:
+        self._announce()
+        for symbol, feed in self._feeds.items():
+            self.resyncs += 1
+            self._join(symbol, feed)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

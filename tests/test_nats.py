@@ -1,0 +1,186 @@
+"""Two service instances on a real NATS server: one runs the source, the other only a gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from caspian.bus.nats import NatsBus, symbol_token
+from caspian.settings import Settings
+from tests.support.client import StreamClient, apply_level2
+from tests.support.nats import NatsServer
+from tests.support.service import RunningService, start_service
+
+SYMBOL = "FX-BTC/USD=GEMINI"
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(
+    nats_server: NatsServer, tmp_path: Path
+) -> Iterator[tuple[RunningService, RunningService]]:
+    source = start_service(tmp_path / "a", bus=nats_server.url, simulator_rate=40.0)
+    gateway = start_service(tmp_path / "b", bus=nats_server.url, source="none")
+    yield source, gateway
+    gateway.stop()
+    source.stop()
+
+
+def bus_of(running: RunningService) -> NatsBus:
+    bus = running.listening.service.bus
+    assert isinstance(bus, NatsBus)
+    return bus
+
+
+def source_book(running: RunningService, symbol: str, levels: int) -> dict[Any, float]:
+    """The book as the source side of the bus holds it, top ``levels`` per side."""
+
+    async def read() -> dict[Any, float]:
+        side = bus_of(running)._source_side
+        assert side is not None
+        book: dict[Any, float] = {}
+        for event in side._tracker.catch_up(symbol):
+            if getattr(event, "snapshot", False):
+                bids = sorted(event.bids, reverse=True)[:levels]  # type: ignore[attr-defined]
+                asks = sorted(event.asks)[:levels]  # type: ignore[attr-defined]
+                book = {("bid", p): s for p, s in bids} | {("ask", p): s for p, s in asks}
+        return book
+
+    return running.call(read())
+
+
+async def drain(client: StreamClient, book: dict[Any, float]) -> None:
+    while True:
+        try:
+            message = await client.recv(0.5)
+        except TimeoutError:
+            return
+        if message["type"] == "Level2":
+            apply_level2(book, message)
+
+
+async def test_a_gateway_without_source_streams_the_other_instances_book(
+    cluster: tuple[RunningService, RunningService],
+) -> None:
+    source, gateway = cluster
+    token = await asyncio.to_thread(gateway.token)
+    client = await StreamClient.open(gateway.stream_url, token)
+    await client.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+    book: dict[Any, float] = {}
+    for _ in range(60):
+        message = await client.wait_for(lambda m: m["type"] == "Level2")
+        apply_level2(book, message)
+    assert sum(1 for side, _ in book if side == "bid") == 10
+    # The source instance watches the symbol only because the gateway asked.
+    simulator = source.listening.service.source
+    assert SYMBOL in simulator.watched  # type: ignore[union-attr]
+    # Stop the market, then the client's book must be the source's top 10.
+    source.loop.call_soon_threadsafe(simulator.unwatch, SYMBOL)  # type: ignore[union-attr]
+    await asyncio.sleep(0.3)
+    await drain(client, book)
+    expected = await asyncio.to_thread(source_book, source, SYMBOL, 10)
+    assert expected and book == expected
+    await client.close()
+
+
+async def test_interest_follows_the_gateways_clients(
+    cluster: tuple[RunningService, RunningService],
+) -> None:
+    source, gateway = cluster
+    simulator = source.listening.service.source
+    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+    request_id = await client.subscribe(SYMBOL, "Level1", conflation="None")
+    await client.wait_for(lambda m: m["type"] == "Level1" and "bid" in m["payload"])
+    unsubscribe = await client.send("Unsubscribe", {"subscribeRequestId": request_id})
+    await client.response(unsubscribe)
+    for _ in range(50):
+        if SYMBOL not in simulator.watched:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.1)
+    assert SYMBOL not in simulator.watched  # type: ignore[union-attr]
+    await client.close()
+
+
+async def test_a_sequence_gap_resyncs_with_a_whole_book(
+    cluster: tuple[RunningService, RunningService], nats_server: NatsServer
+) -> None:
+    source, gateway = cluster
+    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+    await client.subscribe(SYMBOL, "Level2", numberOfLevels=5, conflation="None")
+    book: dict[Any, float] = {}
+    for _ in range(20):
+        apply_level2(book, await client.wait_for(lambda m: m["type"] == "Level2"))
+    side = bus_of(source)._source_side
+    assert side is not None
+    # A message numbered far ahead, as if others had been lost on the way.
+    intruder = await nats.connect(nats_server.url)
+    await intruder.publish(
+        f"caspian.md.{symbol_token(SYMBOL)}",
+        orjson.dumps(
+            {
+                "ts": "2026-01-01T00:00:00.000000",
+                "symbol": SYMBOL,
+                "kind": "trade",
+                "price": 1.0,
+                "size": 1.0,
+                "seq": 10**9,
+                "epoch": side.epoch,
+            }
+        ),
+    )
+    await intruder.flush()
+    await intruder.close()
+    gone = await client.wait_for(
+        lambda m: m["type"] == "Level2" and m["depthStream"] == "disconnected", within=5
+    )
+    apply_level2(book, gone)
+    back = await client.wait_for(
+        lambda m: m["type"] == "Level2" and m["depthStream"] == "connected" and bool(m["payload"]),
+        within=5,
+    )
+    apply_level2(book, back)
+    # The resync message holds the whole top 5 of both sides.
+    assert sum(1 for level in back["payload"] if level["size"] > 0) == 10
+    assert bus_of(gateway).resyncs >= 1
+    simulator = source.listening.service.source
+    source.loop.call_soon_threadsafe(simulator.unwatch, SYMBOL)  # type: ignore[union-attr]
+    await asyncio.sleep(0.3)
+    await drain(client, book)
+    assert book == await asyncio.to_thread(source_book, source, SYMBOL, 5)
+    await client.close()
+
+
+async def test_nats_outage_is_visible_and_recovers(
+    cluster: tuple[RunningService, RunningService], nats_server: NatsServer
+) -> None:
+    _, gateway = cluster
+    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+    await client.subscribe(SYMBOL, "Level1", conflation="1s")
+    await client.wait_for(lambda m: m["bboStream"] == "connected" and "bid" in m["payload"])
+    await asyncio.to_thread(nats_server.stop)
+    # Each stream's change goes out at once, one message each.
+    await client.wait_for(lambda m: m["bboStream"] == "disconnected", within=10)
+    await client.wait_for(lambda m: m["tradeStream"] == "disconnected", within=5)
+    await asyncio.to_thread(nats_server.start)
+    await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
+    await client.close()
+
+
+def test_a_gateway_without_source_needs_nats(tmp_path: Path) -> None:
+    from caspian.service import Service
+
+    with pytest.raises(ValueError, match="nats"):
+        Service(Settings(data_dir=tmp_path, source="none", maintenance="off"))
