@@ -93,6 +93,8 @@ class ReplaySource(Source):
         self._symbols: dict[str, _SymbolReplay] = {}
         self._sink: EventSink | None = None
         self.bad_lines = 0
+        # Line numbers already reported, so that a looping replay warns once per line.
+        self._reported: set[int] = set()
         #: Set when a pass over the file has finished (each pass, when looping).
         self.finished = asyncio.Event()
 
@@ -157,6 +159,9 @@ class ReplaySource(Source):
             if not self.loop_forever:
                 break
             self.finished = asyncio.Event()
+            # A file shorter than a batch would otherwise loop without ever
+            # letting the service run.
+            await asyncio.sleep(0)
         # Stay alive like any source: the service stops us by cancelling.
         await asyncio.Event().wait()
 
@@ -170,11 +175,13 @@ class ReplaySource(Source):
             try:
                 event = from_json(line)
             except EventFormatError as exc:
-                if partial:
-                    log.warning("%s:%d: partial last line ignored", self.path, number)
-                else:
-                    self.bad_lines += 1
-                    log.warning("%s:%d: bad line skipped: %s", self.path, number, exc)
+                if number not in self._reported:
+                    self._reported.add(number)
+                    if partial:
+                        log.warning("%s:%d: partial last line ignored", self.path, number)
+                    else:
+                        self.bad_lines += 1
+                        log.warning("%s:%d: bad line skipped: %s", self.path, number, exc)
                 continue
             if self.speed > 0:
                 if first_ts is None:
@@ -183,10 +190,11 @@ class ReplaySource(Source):
                 delay = due - time.monotonic()
                 if delay > 0.001:
                     await asyncio.sleep(delay)
-            else:
-                handled += 1
-                if handled % _BATCH == 0:
-                    await asyncio.sleep(0)
+            handled += 1
+            # Also when paced: a burst of events recorded within the same
+            # millisecond must not hold the event loop either.
+            if handled % _BATCH == 0:
+                await asyncio.sleep(0)
             self._track(event)
             if event.symbol in self._watched:
                 sink(event)
