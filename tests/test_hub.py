@@ -278,3 +278,27 @@ async def test_grace_period_keeps_symbol_watched() -> None:
     hub.remove(next(iter(hub.symbols[SYMBOL].level1["None"].members)))
     await asyncio.sleep(0.2)
     assert released == [SYMBOL]
+
+
+async def test_declared_bbo_outage_is_not_undone_by_depth() -> None:
+    hub, _, _ = make_hub()
+    recorder = Recorder()
+    hub.add(level1(), recorder)
+    hub.on_event(StatusEvent(SYMBOL, 1, Stream.BBO, StreamState.CONNECTED))
+    hub.on_event(BookEvent(SYMBOL, 2, True, [(9.0, 1.0)], [(11.0, 1.0)]))
+    hub.on_event(StatusEvent(SYMBOL, 3, Stream.BBO, StreamState.DISCONNECTED))
+    assert recorder.messages[-1]["bboStream"] == "disconnected"
+    # Depth goes on; the best bid moves, but the BBO feed is still declared down.
+    hub.on_event(BookEvent(SYMBOL, 4, False, [(9.5, 1.0)], []))
+    assert recorder.messages[-1]["payload"]["bid"] == 9.5
+    assert recorder.messages[-1]["bboStream"] == "disconnected"
+    hub.on_event(StatusEvent(SYMBOL, 5, Stream.BBO, StreamState.CONNECTED))
+    assert recorder.messages[-1]["bboStream"] == "connected"
+
+
+async def test_undeclared_bbo_is_connected_by_data() -> None:
+    hub, _, _ = make_hub()
+    recorder = Recorder()
+    hub.add(level1(), recorder)
+    hub.on_event(BookEvent(SYMBOL, 1, True, [(9.0, 1.0)], [(11.0, 1.0)]))
+    assert recorder.messages[-1]["bboStream"] == "connected"

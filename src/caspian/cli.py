@@ -256,11 +256,12 @@ def record(
         typer.Option(help="simulator, replay:PATH or live:EXCHANGE,... [env: CASPIAN_SOURCE]"),
     ] = None,
     seconds: Annotated[
-        float | None, typer.Option(help="Stop after this long; default until interrupted.")
+        float | None,
+        typer.Option(min=0.0, help="Stop after this long; default until interrupted."),
     ] = None,
     rotate_mb: Annotated[
         float | None,
-        typer.Option(help="Start a new numbered file after this many MB of events."),
+        typer.Option(min=0.001, help="Start a new numbered file after this many MB of events."),
     ] = None,
 ) -> None:
     """Record what the source produces, in the replay format (gzip if the name ends in .gz)."""

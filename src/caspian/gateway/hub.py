@@ -58,6 +58,9 @@ class SymbolState:
         self.depth_exchange_ts: int | None = None
         #: Set once the source publishes quotes: BBO then comes from them, not the book.
         self.quotes = False
+        #: Streams whose state the source declares with status events; for the
+        #: others, arriving data is the only sign of life there is.
+        self.declared: set[Stream] = set()
         self.l1: dict[str, Any] = {}
         self.l1_version = 0
         self._l1_tail: tuple[int, bytes] | None = None
@@ -324,6 +327,7 @@ class Hub:
             self._set_bbo(
                 state,
                 event,
+                Stream.BBO not in state.declared,
                 best_bid[0] if best_bid else None,
                 best_bid[1] if best_bid else None,
                 best_ask[0] if best_ask else None,
@@ -332,19 +336,21 @@ class Hub:
 
     def _on_quote(self, state: SymbolState, event: QuoteEvent) -> None:
         state.quotes = True
-        self._set_bbo(state, event, event.bid, event.bid_size, event.ask, event.ask_size)
+        self._set_bbo(state, event, True, event.bid, event.bid_size, event.ask, event.ask_size)
 
     def _set_bbo(
         self,
         state: SymbolState,
         event: BookEvent | QuoteEvent,
+        alive: bool,
         bid: float | None,
         bid_size: float | None,
         ask: float | None,
         ask_size: float | None,
     ) -> None:
+        """New best bid and offer; ``alive`` when their arrival proves the BBO stream is up."""
         l1 = state.l1
-        status_changed = self._set_stream(state, Stream.BBO, _CONNECTED)
+        status_changed = alive and self._set_stream(state, Stream.BBO, _CONNECTED)
         if (
             not status_changed
             and l1.get("ask") == ask
@@ -391,6 +397,7 @@ class Hub:
         self._l1_changed(state, status_changed)
 
     def _on_status(self, state: SymbolState, event: StatusEvent) -> None:
+        state.declared.add(event.stream)
         if not self._set_stream(state, event.stream, event.state.value):
             return
         if event.stream is Stream.DEPTH:

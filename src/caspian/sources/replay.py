@@ -35,7 +35,7 @@ from caspian.sources.base import EventSink, Source
 log = logging.getLogger(__name__)
 
 #: Events handled between two yields to the event loop at speed 0.
-_BATCH = 2_000
+_BATCH = 256
 #: Deepest book kept per symbol; deeper levels of a recording are still applied.
 _SNAPSHOT_LEVELS = 10_000
 
