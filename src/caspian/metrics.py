@@ -1,0 +1,33 @@
+"""Prometheus metrics of the service, in the default registry that ``/metrics`` serves.
+
+They are defined once here, at import, because the registry refuses a second
+metric of the same name; every part of the service imports them from here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+#: Books thrown away and rebuilt from a fresh snapshot, by what forced it:
+#: ``disconnect``, ``stall`` (the watchdog), ``checksum``, ``sequence``,
+#: ``crossed`` or ``error`` (anything else the upstream library raised).
+RESYNCS = Counter(
+    "caspian_resyncs_total",
+    "Upstream books dropped and rebuilt from a fresh snapshot.",
+    ["exchange", "symbol", "reason"],
+)
+
+#: Every new upstream connection after a symbol's first, successful or not.
+UPSTREAM_RECONNECTS = Counter(
+    "caspian_upstream_reconnects_total",
+    "Upstream connection attempts after a failure.",
+    ["exchange", "symbol"],
+)
+
+#: 1 while a stream of a watched symbol is connected, 0 while it is not; the
+#: series goes away when the symbol is no longer watched.
+STREAM_STATE = Gauge(
+    "caspian_stream_state",
+    "Upstream stream state of a watched symbol: 1 connected, 0 disconnected.",
+    ["exchange", "symbol", "stream"],
+)
