@@ -18,7 +18,7 @@ from caspian.catalog.ccxt_markets import (
     products_from_ccxt,
 )
 from caspian.catalog.currencies import currency_name, normalize_currency
-from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
+from caspian.catalog.exchanges import CCXT_FILES, CCXT_IDS, EXCHANGES
 from caspian.catalog.index import Catalog
 from caspian.catalog.product import PRODUCT_TYPES, ProductSpec
 from caspian.catalog.symbols import parse_caspian_code
@@ -76,7 +76,9 @@ def test_the_22_exchanges_in_the_contracts_order() -> None:
 
 
 def test_ccxt_ids_are_the_exchanges_with_a_fixture() -> None:
-    assert set(CCXT_IDS) == set(CODES) - {"BTCC", "ITBIT", "KORBIT", "LIQUID"}
+    assert set(CCXT_FILES) == set(CODES) - {"BTCC", "ITBIT", "KORBIT", "LIQUID"}
+    assert set(CCXT_IDS) == set(CCXT_FILES) - {"BITMEX", "BITTREX"}
+    assert CCXT_IDS["HUOBI"] == "htx" and CCXT_FILES["HUOBI"] == "huobi"
     assert CCXT_IDS["GDAX"] == "coinbaseexchange"
     assert CCXT_IDS["OKEX"] == "okx"
 

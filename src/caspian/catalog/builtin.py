@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from caspian.catalog.ccxt_markets import products_from_ccxt
-from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
+from caspian.catalog.exchanges import CCXT_FILES, EXCHANGES
 from caspian.catalog.product import ProductSpec
 
 
@@ -49,7 +49,7 @@ def builtin_markets() -> dict[str, dict[str, Any]]:
     extras = load_ccxt_file(data / "extra_markets.json")
     result: dict[str, dict[str, Any]] = {}
     for _, code in EXCHANGES:
-        ccxt_id = CCXT_IDS.get(code)
+        ccxt_id = CCXT_FILES.get(code)
         if ccxt_id is None:
             if code not in extras:
                 raise ValueError(f"extra_markets.json has no markets for {code}")

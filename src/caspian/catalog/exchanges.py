@@ -28,9 +28,10 @@ EXCHANGES: tuple[tuple[str, str], ...] = (
     ("Poloniex", "POLONIEX"),
 )
 
-#: Caspian exchange code -> ccxt exchange id. BTCC, ItBit, Korbit and Liquid
-#: are missing: ccxt dropped them, so their products are hand-written.
-CCXT_IDS: dict[str, str] = {
+#: Caspian exchange code -> the name of its bundled ccxt markets file (the ccxt
+#: id when the file was made). BTCC, ItBit, Korbit and Liquid have none: ccxt
+#: dropped them, so their products are hand-written.
+CCXT_FILES: dict[str, str] = {
     "BINANCE": "binance",
     "BITFINEX": "bitfinex",
     "BITFLYER": "bitflyer",
@@ -49,4 +50,13 @@ CCXT_IDS: dict[str, str] = {
     "KUCOIN": "kucoin",
     "OKEX": "okx",
     "POLONIEX": "poloniex",
+}
+
+#: Caspian exchange code -> exchange id in the ccxt this project installs, for
+#: fetching markets and streaming live. ccxt renamed Huobi to HTX and no longer
+#: ships BitMEX or Bittrex (closed in 2023).
+CCXT_IDS: dict[str, str] = {
+    code: {"HUOBI": "htx"}.get(code, file_id)
+    for code, file_id in CCXT_FILES.items()
+    if code not in ("BITMEX", "BITTREX")
 }

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
+from caspian.catalog.exchanges import CCXT_FILES, CCXT_IDS, EXCHANGES
 
 _CODES = {code for _, code in EXCHANGES}
-_BY_CCXT_ID = {ccxt_id: code for code, ccxt_id in CCXT_IDS.items()}
-#: ccxt ids that ccxt renamed; releases made after a rename no longer know the old id.
-_RENAMED_CCXT_IDS = {"huobi": "htx"}
+# Old ids too, so that a file named after one (huobi.json) still says its exchange.
+_BY_CCXT_ID = {ccxt_id: code for ids in (CCXT_FILES, CCXT_IDS) for code, ccxt_id in ids.items()}
 
 
 def resolve_exchange(given: str | None, fallback: str | None) -> str:
@@ -53,9 +52,7 @@ async def fetch_ccxt_markets(
     ccxt_id = CCXT_IDS.get(code)
     if ccxt_id is None:
         raise ValueError(f"ccxt does not support {code}")
-    exchange_class = getattr(ccxt_async, ccxt_id, None) or getattr(
-        ccxt_async, _RENAMED_CCXT_IDS.get(ccxt_id, ccxt_id), None
-    )
+    exchange_class = getattr(ccxt_async, ccxt_id, None)
     if exchange_class is None:
         raise ValueError(f"the installed ccxt has no exchange {ccxt_id!r} for {code}")
     exchange = exchange_class({"enableRateLimit": False, "timeout": 15_000})
