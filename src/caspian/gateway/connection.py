@@ -21,7 +21,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.frames import Frame, Opcode
@@ -101,7 +101,8 @@ class StreamConnection(asyncio.Protocol):
         self._early: list[bytes] = []
         self._fragments: list[bytes] = []
         self._out: list[bytes] = []
-        self._flush_handle: asyncio.Handle | None = None
+        #: Waiting in the gateway's flush list.
+        self._flush_queued = False
         self._paused = False
         self._backlog: deque[bytes] = deque()
         self._awaiting_pong = False
@@ -113,8 +114,8 @@ class StreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do the job without subclassing asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         if self._uvicorn_connections is not None:
             self._uvicorn_connections.add(self)
 
@@ -146,7 +147,7 @@ class StreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._end_session()
-        for handle in (self._expiry, self._abort, self._flush_handle):
+        for handle in (self._expiry, self._abort):
             if handle is not None:
                 handle.cancel()
         for task in self._tasks:
@@ -210,7 +211,7 @@ class StreamConnection(asyncio.Protocol):
         early, self._early = self._early, []
         for message in early:
             self._on_message(message)
-        self._flush()
+        self.flush()
 
     # -- inbound ---------------------------------------------------------
 
@@ -275,7 +276,7 @@ class StreamConnection(asyncio.Protocol):
             return
         self._act(session.token_checked(action.request_id, check))
         self._schedule_expiry()
-        self._flush()
+        self.flush()
 
     # -- outbound --------------------------------------------------------
 
@@ -291,8 +292,9 @@ class StreamConnection(asyncio.Protocol):
         out.append(header)
         out.append(prefix)
         out.append(tail)
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._gateway.flush_later(self)
 
     def _send(self, message: bytes) -> None:
         self.deliver(b"", message)
@@ -303,8 +305,9 @@ class StreamConnection(asyncio.Protocol):
             log.info("closing a slow client: %d messages undelivered", len(self._backlog))
             self.close(CloseCode.QUEUE_LIMIT)
 
-    def _flush(self) -> None:
-        self._flush_handle = None
+    def flush(self) -> None:
+        """Write what this turn gathered, as one write."""
+        self._flush_queued = False
         out = self._out
         if not out or self._transport is None:
             return
@@ -315,7 +318,7 @@ class StreamConnection(asyncio.Protocol):
     def _write_protocol_output(self) -> None:
         # Pending data frames go first, so a close frame never overtakes them.
         if not self._paused:
-            self._flush()
+            self.flush()
         transport = self._transport
         for data in self._ws.data_to_send():
             if transport is None:

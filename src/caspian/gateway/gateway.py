@@ -51,6 +51,28 @@ class Gateway:
         self.in_maintenance = in_maintenance
         self.connections: set[StreamConnection] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._to_flush: list[StreamConnection] = []
+        self._flush_handle: asyncio.Handle | None = None
+
+    def flush_later(self, connection: StreamConnection) -> None:
+        """Flush ``connection`` at the end of this loop turn.
+
+        One callback for every connection with output, not one each: with a
+        thousand clients the per-connection callbacks cost more than the
+        serialization they follow.
+        """
+        self._to_flush.append(connection)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_handle = None
+        pending, self._to_flush = self._to_flush, []
+        for connection in pending:
+            try:
+                connection.flush()
+            except Exception:
+                log.exception("writing to a connection failed")
 
     async def check_token(self, token: str) -> tuple[TokenCheck, CloseCode | None]:
         """Verify a token; the close code says how a connection should end if it fails.
