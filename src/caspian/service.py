@@ -100,7 +100,9 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
         from caspian.sources.live import LiveSource, parse_exchanges, urls_from_env
 
         exchanges = parse_exchanges(settings.source.partition(":")[2])
-        return LiveSource(exchanges, product, urls=urls_from_env())
+        return LiveSource(
+            exchanges, product, urls=urls_from_env(), stall_timeout_s=settings.live_stall_s
+        )
     raise ValueError(
         f"unsupported source {settings.source!r}: "
         "use simulator, replay:PATH, live:EXCHANGE,... or none"

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     simulator_outages: bool = Field(
         False, description="Let the simulator cut its upstream streams now and then."
     )
+    live_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="Live source watchdog: a stream silent this long is marked "
+        "disconnected and subscribed again.",
+    )
     unwatch_grace_s: float = Field(
         30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
     )
