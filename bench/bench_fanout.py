@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,24 +32,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadgen import (
-    ClientPool,
-    ProductArgs,
+    BenchSetup,
     Server,
     Window,
-    authenticate,
     busy_cpu_seconds,
-    create_key,
     machine,
     percentile,
-    placements,
-    product_args,
     raise_nofile,
-    start_caspian,
-    start_naive,
 )
 
 SYMBOLS = "FX-BTC/USD=GEMINI,FX-ETH/USD=GEMINI,FX-BTC/USDT=BINANCE"
-SEED = 1
 #: One message in this many is parsed for latency: on the ladder, and at half load.
 LADDER_SAMPLING = 211
 LATENCY_SAMPLING = 23
@@ -93,39 +83,14 @@ class Step:
         )
 
 
-class Bench:
+class Bench(BenchSetup):
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.server_place, self.client_place = placements(not args.no_pin, args.nice)
-        self.client_place.apply()
-        self.work = Path(tempfile.mkdtemp(prefix="caspian-bench-fanout-"))
-        self.data_dir = self.work / "data"
-        self.data_dir.mkdir()
-        self.pool = ClientPool(args.processes, self.client_place)
-        self.key = create_key(self.data_dir)
-        self.token = ""
-        self.products: list[ProductArgs] = []
+        super().__init__(args, "fanout", args.symbols.split(","))
         self.subscriptions = [
             {"symbol": symbol, "type": kind, "numberOfLevels": 20, "conflation": "None"}
             for symbol in args.symbols.split(",")
             for kind in ("Level1", "Level2")
         ]
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def caspian(self, rate: float) -> Server:
-        server = start_caspian(self.data_dir, rate, self.server_place)
-        if not self.token:
-            assert server.rest_url is not None
-            self.token = authenticate(server.rest_url, self.key)
-            # Also checks that every symbol exists before anything is measured.
-            self.products = product_args(server.rest_url, self.token, self.args.symbols.split(","))
-        return server
-
-    def naive(self, rate: float) -> Server:
-        return start_naive(self.products, rate, SEED, self.server_place, self.work)
 
     def measure(
         self,
@@ -138,13 +103,7 @@ class Bench:
         server_cpus = self.server_place.cpus
         server = start(rate)
         try:
-            url = f"{server.stream_url}?accessToken={self.token}"
-            opened = self.pool.open(url, self.args.connections, self.subscriptions)
-            if opened["opened"] != self.args.connections:
-                raise RuntimeError(
-                    f"{server.name}: only {opened['opened']} of {self.args.connections} "
-                    f"connections subscribed: {opened['errors']}"
-                )
+            self.open(server, self.args.connections, self.subscriptions)
             time.sleep(self.args.warmup)
             spy = _start_profile(server, window_s, profile) if profile else None
             cpu_before = server.cpu_seconds()

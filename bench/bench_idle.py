@@ -21,29 +21,18 @@ size, shows the marginal cost once start-up allocations are behind.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from loadgen import (
-    ClientPool,
-    ProductArgs,
+    BenchSetup,
     Server,
-    authenticate,
-    create_key,
     machine,
-    placements,
-    product_args,
     raise_nofile,
-    start_caspian,
-    start_naive,
 )
 
-SEED = 1
 WARMUP_CONNECTIONS = 20
 #: A conflated update every 5 s: this long a window sees at least one per connection.
 CHECK_WINDOW_S = 6.0
@@ -83,49 +72,17 @@ def _settled_memory(server: Server, seconds: float) -> dict[str, int]:
     return last
 
 
-class Bench:
+class Bench(BenchSetup):
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.server_place, self.client_place = placements(not args.no_pin, args.nice)
-        self.client_place.apply()
-        self.work = Path(tempfile.mkdtemp(prefix="caspian-bench-idle-"))
-        self.data_dir = self.work / "data"
-        self.data_dir.mkdir()
-        self.pool = ClientPool(args.processes, self.client_place)
-        self.key = create_key(self.data_dir)
-        self.token = ""
-        self.products: list[ProductArgs] = []
+        super().__init__(args, "idle", [args.symbol])
         self.subscription = {"symbol": args.symbol, "type": "Level1", "conflation": "5s"}
 
-    def close(self) -> None:
-        self.pool.shutdown()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def caspian(self) -> Server:
-        server = start_caspian(self.data_dir, self.args.rate, self.server_place)
-        if not self.token:
-            assert server.rest_url is not None
-            self.token = authenticate(server.rest_url, self.key)
-            self.products = product_args(server.rest_url, self.token, [self.args.symbol])
-        return server
-
-    def naive(self) -> Server:
-        return start_naive(self.products, self.args.rate, SEED, self.server_place, self.work)
-
     def _open(self, server: Server, count: int) -> float:
-        url = f"{server.stream_url}?accessToken={self.token}"
-        opened = self.pool.open(url, count, [self.subscription])
-        if opened["opened"] != count:
-            raise RuntimeError(
-                f"{server.name}: only {opened['opened']} of {count} connections "
-                f"subscribed: {opened['errors']}"
-            )
-        seconds: float = opened["seconds"]
-        return seconds
+        return self.open(server, count, [self.subscription])
 
-    def measure(self, start: Callable[[], Server]) -> Result:
+    def measure(self, start: Callable[[float], Server]) -> Result:
         count = self.args.connections
-        server = start()
+        server = start(self.args.rate)
         try:
             self._open(server, WARMUP_CONNECTIONS)
             self.pool.close_connections()

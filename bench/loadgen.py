@@ -706,3 +706,53 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+#: The simulator seed both servers run, so they serve the same market.
+SEED = 1
+
+
+class BenchSetup:
+    """What every benchmark here prepares: core placement, a data directory with an
+    API key, client worker processes, and both servers on the same market."""
+
+    def __init__(self, args: Any, name: str, symbols: Sequence[str]) -> None:
+        self.args = args
+        self.server_place, self.client_place = placements(not args.no_pin, args.nice)
+        self.client_place.apply()
+        self.work = Path(tempfile.mkdtemp(prefix=f"caspian-bench-{name}-"))
+        self.data_dir = self.work / "data"
+        self.data_dir.mkdir()
+        self.pool = ClientPool(args.processes, self.client_place)
+        self.key = create_key(self.data_dir)
+        self.token = ""
+        self.products: list[ProductArgs] = []
+        self._symbols = list(symbols)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def caspian(self, rate: float) -> Server:
+        server = start_caspian(self.data_dir, rate, self.server_place)
+        if not self.token:
+            assert server.rest_url is not None
+            self.token = authenticate(server.rest_url, self.key)
+            # Also checks that every symbol exists before anything is measured.
+            self.products = product_args(server.rest_url, self.token, self._symbols)
+        return server
+
+    def naive(self, rate: float) -> Server:
+        return start_naive(self.products, rate, SEED, self.server_place, self.work)
+
+    def open(self, server: Server, count: int, subscriptions: list[dict[str, Any]]) -> float:
+        """Open ``count`` subscribed connections; the seconds it took."""
+        url = f"{server.stream_url}?accessToken={self.token}"
+        opened = self.pool.open(url, count, subscriptions)
+        if opened["opened"] != count:
+            raise RuntimeError(
+                f"{server.name}: only {opened['opened']} of {count} connections "
+                f"subscribed: {opened['errors']}"
+            )
+        seconds: float = opened["seconds"]
+        return seconds

@@ -366,62 +366,49 @@ def users_list(
     _print_rows(rows, as_json, "users")
 
 
-def _entitlement(exchange: str | None, all_exchanges: bool) -> str | None:
-    if all_exchanges == (exchange is not None):
-        raise _fail("name one EXCHANGE code, or give --all")
-    return exchange.upper() if exchange else None
+_UserArgument = Annotated[str, typer.Argument(help="The user.")]
+_ExchangeArgument = Annotated[str | None, typer.Argument(help="An exchange code.")]
+_AllOption = Annotated[bool, typer.Option("--all", help="Every exchange.")]
 
 
-async def _check_exchange(store: Any, code: str | None) -> None:
-    """Refuse an unknown exchange code.
+def _change_entitlement(name: str, exchange: str | None, all_exchanges: bool, grant: bool) -> None:
+    """Grant or revoke one exchange (or, with --all, every one) and show what the user has now.
 
     The exchanges are seeded first: the CLI may act on a store no server has started on
     yet, where revoking one exchange from a user allowed all would otherwise leave them
     none, since the others are looked up in the store.
     """
-    from caspian.catalog.exchanges import EXCHANGES
+    if all_exchanges == (exchange is not None):
+        raise _fail("name one EXCHANGE code, or give --all")
+    code = exchange.upper() if exchange else None
 
-    await store.seed_exchanges(EXCHANGES)
-    if code is not None and code not in {c for _, c in await store.list_exchanges()}:
-        raise CliError(f"unknown exchange {code}")
+    async def action(store: Any) -> Any:
+        from caspian.catalog.exchanges import EXCHANGES
 
+        await store.seed_exchanges(EXCHANGES)
+        if code is not None and code not in {c for _, c in await store.list_exchanges()}:
+            raise CliError(f"unknown exchange {code}")
+        return await (store.grant if grant else store.revoke)(name, code)
 
-def _shown_entitlements(user: Any) -> str:
-    return "ALL" if user.all_exchanges else (",".join(user.exchanges) or "none")
+    user = _with_store(action)
+    shown = "ALL" if user.all_exchanges else (",".join(user.exchanges) or "none")
+    typer.echo(f"{user.name}: {shown}")
 
 
 @users_app.command("grant")
 def users_grant(
-    name: Annotated[str, typer.Argument(help="The user.")],
-    exchange: Annotated[str | None, typer.Argument(help="An exchange code.")] = None,
-    all_exchanges: Annotated[bool, typer.Option("--all", help="Every exchange.")] = False,
+    name: _UserArgument, exchange: _ExchangeArgument = None, all_exchanges: _AllOption = False
 ) -> None:
     """Let a user stream an exchange's products (every user may stream all by default)."""
-    code = _entitlement(exchange, all_exchanges)
-
-    async def action(store: Any) -> Any:
-        await _check_exchange(store, code)
-        return await store.grant(name, code)
-
-    user = _with_store(action)
-    typer.echo(f"{user.name}: {_shown_entitlements(user)}")
+    _change_entitlement(name, exchange, all_exchanges, grant=True)
 
 
 @users_app.command("revoke")
 def users_revoke(
-    name: Annotated[str, typer.Argument(help="The user.")],
-    exchange: Annotated[str | None, typer.Argument(help="An exchange code.")] = None,
-    all_exchanges: Annotated[bool, typer.Option("--all", help="Every exchange.")] = False,
+    name: _UserArgument, exchange: _ExchangeArgument = None, all_exchanges: _AllOption = False
 ) -> None:
     """Stop a user streaming an exchange's products (205 on Subscribe)."""
-    code = _entitlement(exchange, all_exchanges)
-
-    async def action(store: Any) -> Any:
-        await _check_exchange(store, code)
-        return await store.revoke(name, code)
-
-    user = _with_store(action)
-    typer.echo(f"{user.name}: {_shown_entitlements(user)}")
+    _change_entitlement(name, exchange, all_exchanges, grant=False)
 
 
 # -- keys ------------------------------------------------------------------

@@ -15,40 +15,20 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from io import BufferedIOBase
 from pathlib import Path
 
-from caspian.book import OrderBook
-from caspian.codes import Stream, StreamState
 from caspian.events import (
-    BookEvent,
-    Event,
     EventFormatError,
-    QuoteEvent,
-    StatusEvent,
-    TradeEvent,
     from_json,
 )
 from caspian.sources.base import EventSink, Source
+from caspian.sources.tracker import SymbolTracker
 
 log = logging.getLogger(__name__)
 
-#: Events handled between two yields to the event loop at speed 0.
+#: Events handled between two yields to the event loop.
 _BATCH = 256
-#: Deepest book kept per symbol; deeper levels of a recording are still applied.
-_SNAPSHOT_LEVELS = 10_000
-
-
-@dataclass
-class _SymbolReplay:
-    book: OrderBook = field(default_factory=OrderBook)
-    has_book: bool = False
-    book_ts: int = 0
-    book_exchange_ts: int | None = None
-    last_trade: TradeEvent | None = None
-    last_quote: QuoteEvent | None = None
-    streams: dict[Stream, StatusEvent] = field(default_factory=dict)
 
 
 def open_recording(path: Path) -> BufferedIOBase:
@@ -90,7 +70,7 @@ class ReplaySource(Source):
         self.speed = speed
         self.loop_forever = loop_forever
         self._watched: set[str] = set()
-        self._symbols: dict[str, _SymbolReplay] = {}
+        self._tracker = SymbolTracker()
         self._sink: EventSink | None = None
         self.bad_lines = 0
         # Line numbers already reported, so that a looping replay warns once per line.
@@ -100,60 +80,17 @@ class ReplaySource(Source):
 
     def watch(self, symbol: str) -> None:
         self._watched.add(symbol)
-        state = self._symbols.get(symbol)
-        if self._sink is not None and state is not None:
-            for event in self._catch_up(symbol, state):
+        if self._sink is not None:
+            for event in self._tracker.catch_up(symbol):
                 self._sink(event)
 
     def unwatch(self, symbol: str) -> None:
         self._watched.discard(symbol)
 
-    def _catch_up(self, symbol: str, state: _SymbolReplay) -> list[Event]:
-        """What a new watcher needs: stream states, the whole book, last quote and trade."""
-        events: list[Event] = list(state.streams.values())
-        if state.has_book:
-            view = state.book.top(_SNAPSHOT_LEVELS)
-            events.append(
-                BookEvent(
-                    symbol,
-                    state.book_ts,
-                    True,
-                    list(view.bids),
-                    list(view.asks),
-                    state.book_exchange_ts,
-                )
-            )
-        if state.last_quote is not None:
-            events.append(state.last_quote)
-        if state.last_trade is not None:
-            events.append(state.last_trade)
-        return events
-
-    def _track(self, event: Event) -> None:
-        state = self._symbols.get(event.symbol)
-        if state is None:
-            state = self._symbols[event.symbol] = _SymbolReplay()
-        if isinstance(event, BookEvent):
-            if event.snapshot:
-                state.book.apply_snapshot(event.bids, event.asks)
-                state.has_book = True
-            elif state.has_book:
-                state.book.apply_diff(event.bids, event.asks)
-            state.book_ts = event.ts
-            state.book_exchange_ts = event.exchange_ts
-        elif isinstance(event, TradeEvent):
-            state.last_trade = event
-        elif isinstance(event, QuoteEvent):
-            state.last_quote = event
-        else:
-            state.streams[event.stream] = event
-            if event.stream is Stream.DEPTH and event.state is StreamState.DISCONNECTED:
-                state.has_book = False
-
     async def run(self, sink: EventSink) -> None:
         self._sink = sink
         while True:
-            self._symbols.clear()
+            self._tracker.clear()
             await self._pass(sink)
             self.finished.set()
             if not self.loop_forever:
@@ -195,6 +132,6 @@ class ReplaySource(Source):
             # millisecond must not hold the event loop either.
             if handled % _BATCH == 0:
                 await asyncio.sleep(0)
-            self._track(event)
+            self._tracker.track(event)
             if event.symbol in self._watched:
                 sink(event)
