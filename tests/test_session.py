@@ -319,3 +319,14 @@ def test_close_stops_everything() -> None:
     assert {stop.subscription.request_id for stop in stops} == {"a", "b"}
     assert not session.subscriptions
     assert code_of(session.receive(subscribe("a"))[:1]) == 200
+
+
+def test_token_refresh_moves_the_session_to_the_new_tokens_principal() -> None:
+    session = Session(
+        "alice", None, 10, SessionLimits(100, frozenset(SymbolType)), resolve, ("key", "OLD")
+    )
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    session.token_checked("t", TokenCheck(TokenRefreshCode.OK, "alice", 20, None, ("key", "NEW")))
+    assert session.principal == ("key", "NEW")

@@ -516,3 +516,31 @@ async def test_shutdown_closes_1001(tmp_path: Path) -> None:
     await c.subscribe(SYMBOL)
     await asyncio.to_thread(running.stop)
     assert await c.closed_with(within=10) == 1001
+
+
+async def test_revoking_a_key_closes_its_open_streams_3001(tmp_path: Path) -> None:
+    running = start_service(tmp_path, recheck_s=0.3)
+    try:
+        store = running.listening.service.store
+        key_id, secret = await asyncio.to_thread(running.key, "dana")
+        response = await asyncio.to_thread(
+            httpx.post,
+            f"{running.base_url}/v1/auth/authenticate",
+            json={"type": "Key", "payload": {"accessKeyID": key_id, "secretAccessKey": secret}},
+        )
+        doomed = await StreamClient.open(running.stream_url, response.json()["accessToken"])
+        await doomed.subscribe(SYMBOL)
+        other = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+        await other.subscribe(SYMBOL, conflation="None")
+        # Entitlements changed while connected apply to the next Subscribe.
+        await asyncio.to_thread(running.call, store.revoke("dana", "BITMEX"))
+        await asyncio.sleep(0.8)
+        rid = await doomed.send("Subscribe", {"symbol": "PERP-BTC/USD=BITMEX", "type": "Level1"})
+        assert (await doomed.response(rid))["payload"]["code"] == 205
+        await asyncio.to_thread(running.call, store.revoke_key(key_id))
+        assert await doomed.closed_with(within=5) == 3001
+        # Other users' streams go on.
+        await other.wait_for(lambda m: m["type"] == "Level1", within=5)
+        await other.close()
+    finally:
+        running.stop()

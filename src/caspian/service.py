@@ -141,6 +141,7 @@ class Service:
             self._resolve,
             StreamSettings(
                 heartbeat_s=settings.heartbeat_s,
+                recheck_s=settings.recheck_s,
                 max_queue=settings.max_queue,
                 max_message_bytes=settings.max_message_bytes,
                 limits=SessionLimits(

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         15.0, gt=0, description="Ping interval; a ping unanswered by the next ping closes 3006."
     )
+    recheck_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often open streams' keys are checked again: a revoked key's "
+        "streams close with 3001, changed entitlements apply to new Subscribes.",
+    )
     max_queue: int = Field(
         50_000, gt=0, description="Undelivered messages per connection before close 3007."
     )

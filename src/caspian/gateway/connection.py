@@ -206,6 +206,7 @@ class StreamConnection(asyncio.Protocol):
             check.expires_us,
             self._gateway.settings.limits,
             self._gateway.resolve,
+            check.principal,
         )
         self._schedule_expiry()
         early, self._early = self._early, []
@@ -331,6 +332,17 @@ class StreamConnection(asyncio.Protocol):
             self._abort = self._loop.call_later(CLOSE_TIMEOUT_S, transport.abort)
 
     # -- lifecycle -------------------------------------------------------
+
+    @property
+    def principal(self) -> tuple[str, str] | None:
+        """The key or user behind this connection's token; None before authentication."""
+        session = self._session
+        return session.principal if session is not None and not self._closing else None
+
+    def entitle(self, exchanges: frozenset[str] | None) -> None:
+        """New entitlements; they apply to the Subscribes that follow."""
+        if self._session is not None:
+            self._session.exchanges = exchanges
 
     def heartbeat(self) -> None:
         if self._closing or self._ws.state is not State.OPEN:

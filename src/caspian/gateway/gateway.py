@@ -27,6 +27,8 @@ PrincipalLookup = Callable[[str, str], Awaitable[tuple[str, frozenset[str] | Non
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
     heartbeat_s: float
+    #: How often live sessions' keys and users are checked again (revocations).
+    recheck_s: float
     max_queue: int
     max_message_bytes: int
     limits: SessionLimits
@@ -50,7 +52,7 @@ class Gateway:
         #: Seconds left of the maintenance window now; 0 outside it.
         self.in_maintenance = in_maintenance
         self.connections: set[StreamConnection] = set()
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._to_flush: list[StreamConnection] = []
         self._flush_handle: asyncio.Handle | None = None
 
@@ -89,10 +91,48 @@ class Gateway:
         if found is None:
             return TokenCheck(TokenRefreshCode.INVALID), CloseCode.TOKEN_INVALID
         user, exchanges = found
-        return TokenCheck(TokenRefreshCode.OK, user, claims.expires_us, exchanges), None
+        check = TokenCheck(
+            TokenRefreshCode.OK,
+            user,
+            claims.expires_us,
+            exchanges,
+            (claims.kind, claims.subject),
+        )
+        return check, None
 
     def start(self) -> None:
-        self._heartbeat = asyncio.create_task(self._beat(), name="caspian-heartbeat")
+        self._tasks = [
+            asyncio.create_task(self._beat(), name="caspian-heartbeat"),
+            asyncio.create_task(self._recheck(), name="caspian-recheck"),
+        ]
+
+    async def _recheck(self) -> None:
+        """Close the sessions of revoked keys (3001); keep entitlements current.
+
+        A revoked key is refused at connection and at TokenRefresh, but a
+        session opened before would otherwise live until its token expires.
+        One store query per distinct key or user, however many connections.
+        """
+        while True:
+            await asyncio.sleep(self.settings.recheck_s)
+            by_principal: dict[tuple[str, str], list[StreamConnection]] = {}
+            for connection in list(self.connections):
+                principal = connection.principal
+                if principal is not None:
+                    by_principal.setdefault(principal, []).append(connection)
+            for (kind, subject), connections in by_principal.items():
+                try:
+                    found = await self._principal(kind, subject)
+                except Exception as exc:
+                    # The store is away: keep the sessions, look again next round.
+                    log.warning("could not re-check stream sessions: %s", exc)
+                    break
+                for connection in connections:
+                    if found is None:
+                        log.info("closing a stream of revoked %s %s", kind, subject)
+                        connection.close(CloseCode.TOKEN_INVALID)
+                    else:
+                        connection.entitle(found[1])
 
     async def _beat(self) -> None:
         """One timer for every connection: cheaper than a task per connection."""
@@ -109,8 +149,9 @@ class Gateway:
             connection.close(code)
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with suppress(asyncio.CancelledError):
-                await self._heartbeat
+                await task
         self.close_all(CloseCode.GOING_AWAY)

@@ -96,6 +96,8 @@ class TokenCheck:
     user: str | None = None
     expires_us: int | None = None
     exchanges: frozenset[str] | None = None
+    #: What logged in: ``(kind, subject)``, a key or a user, for re-checks.
+    principal: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +156,11 @@ class Session:
         expires_us: int,
         limits: SessionLimits,
         resolve: Resolver,
+        principal: tuple[str, str] | None = None,
     ) -> None:
         self.user = user
+        #: The key or user behind the token, re-checked while the session lives.
+        self.principal = principal
         #: Exchanges the user may stream; None means all.
         self.exchanges = exchanges
         self.expires_us = expires_us
@@ -314,6 +319,7 @@ class Session:
         assert check.expires_us is not None
         self.expires_us = check.expires_us
         self.exchanges = check.exchanges
+        self.principal = check.principal
         return [_token_response(request_id, TokenRefreshCode.OK)]
 
     def close(self) -> list[Stop]:
