@@ -544,3 +544,36 @@ async def test_revoking_a_key_closes_its_open_streams_3001(tmp_path: Path) -> No
         await other.close()
     finally:
         running.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_stream_metrics(service: RunningService) -> None:
+    async def scrape() -> str:
+        response = await asyncio.to_thread(httpx.get, f"{service.base_url}/metrics")
+        return response.text
+
+    before = await scrape()
+    c = await client(service)
+    await c.subscribe(SYMBOL, "Level2", conflation="None")
+    for _ in range(5):
+        await c.wait_for(lambda m: m["type"] == "Level2")
+    during = await scrape()
+    assert _metric(during, "caspian_stream_connections") >= 1
+    assert _metric(during, 'caspian_stream_subscriptions{type="Level2"}') >= 1
+    assert (
+        _metric(during, "caspian_stream_messages_total")
+        >= _metric(before, "caspian_stream_messages_total") + 5
+    )
+    closed_before = _metric(during, 'caspian_stream_closes_total{code="3000"}')
+    anonymous = await StreamClient.open(service.stream_url)
+    assert await anonymous.closed_with() == 3000
+    after = await scrape()
+    assert _metric(after, 'caspian_stream_closes_total{code="3000"}') == closed_before + 1
+    await c.close()

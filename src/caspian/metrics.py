@@ -31,3 +31,20 @@ STREAM_STATE = Gauge(
     "Upstream stream state of a watched symbol: 1 connected, 0 disconnected.",
     ["exchange", "symbol", "stream"],
 )
+
+#: Open stream connections (from the accepted handshake to the socket's end).
+STREAM_CONNECTIONS = Gauge("caspian_stream_connections", "Open stream connections.")
+
+#: Connections the server closed, by close code (3007: a slow client cut off).
+STREAM_CLOSES = Counter(
+    "caspian_stream_closes_total", "Stream connections closed by the server.", ["code"]
+)
+
+#: Active subscriptions, by type (Level1, Level2).
+SUBSCRIPTIONS = Gauge("caspian_stream_subscriptions", "Active subscriptions.", ["type"])
+
+#: Updates handed to clients: one per client per update, counted once per group message.
+MESSAGES = Counter("caspian_stream_messages_total", "Level1 and Level2 updates sent to clients.")
+
+#: NATS bus feeds rebuilt from a snapshot after a gap, a new source epoch or a reconnect.
+BUS_RESYNCS = Counter("caspian_bus_resyncs_total", "Bus feeds rebuilt from a snapshot.")

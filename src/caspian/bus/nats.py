@@ -42,6 +42,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from caspian.bus.base import Bus
 from caspian.codes import Stream, StreamState
 from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
+from caspian.metrics import BUS_RESYNCS
 from caspian.sources.base import Source
 from caspian.sources.tracker import SymbolTracker
 from caspian.timefmt import now_us
@@ -339,6 +340,7 @@ class NatsBus(Bus):
                 feed.seq,
             )
             self.resyncs += 1
+            BUS_RESYNCS.inc()
             self._mark_disconnected(symbol)
             self._join(symbol, feed)
             return False
@@ -387,6 +389,7 @@ class NatsBus(Bus):
         self._announce()
         for symbol, feed in self._feeds.items():
             self.resyncs += 1
+            BUS_RESYNCS.inc()
             self._join(symbol, feed)
 
     async def _on_error(self, exc: Exception) -> None:

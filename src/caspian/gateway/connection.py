@@ -40,6 +40,7 @@ from caspian.gateway.session import (
     VerifyToken,
     protocol_error,
 )
+from caspian.metrics import STREAM_CLOSES, STREAM_CONNECTIONS
 from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,9 @@ class StreamConnection(asyncio.Protocol):
             task.cancel()
         self._backlog.clear()
         self._out.clear()
-        self._gateway.connections.discard(self)
+        if self in self._gateway.connections:
+            self._gateway.connections.discard(self)
+            STREAM_CONNECTIONS.dec()
         if self._uvicorn_connections is not None:
             self._uvicorn_connections.discard(self)
         self._transport = None
@@ -181,6 +184,7 @@ class StreamConnection(asyncio.Protocol):
         if response.status_code != 101:
             return
         self._gateway.connections.add(self)
+        STREAM_CONNECTIONS.inc()
         token = token_from_request(request)
         if token is None:
             self.close(CloseCode.TOKEN_NOT_FOUND)
@@ -359,6 +363,7 @@ class StreamConnection(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
+        STREAM_CLOSES.labels(str(int(code))).inc()
         self._backlog.clear()
         self._out.clear()
         # A close can come from inside the hub's fan-out (3007): leave the

@@ -24,6 +24,7 @@ from caspian.book import EMPTY_VIEW, BookView, LevelChange, OrderBook, diff_view
 from caspian.codes import MessageType, Stream, StreamState, SubscriptionType
 from caspian.events import BookEvent, Event, QuoteEvent, StatusEvent, TradeEvent
 from caspian.gateway.session import Subscription
+from caspian.metrics import MESSAGES, SUBSCRIPTIONS
 from caspian.timefmt import format_us, now_us
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class _Group:
             )
         for prefix, subscriber in targets:
             subscriber.deliver(prefix, tail)
+        MESSAGES.inc(len(targets))
 
     def flush(self) -> None:
         raise NotImplementedError
@@ -223,6 +225,7 @@ class Hub:
         release = self._releases.pop(symbol, None)
         if release is not None:
             release.cancel()
+        SUBSCRIPTIONS.labels(subscription.type.value).inc()
         if subscription.type is SubscriptionType.LEVEL2:
             key = (subscription.levels, subscription.conflation)
             group2 = state.level2.get(key)
@@ -251,6 +254,7 @@ class Hub:
             group2 = state.level2.get(key2)
             if group2 is None or subscription not in group2.members:
                 return
+            SUBSCRIPTIONS.labels(subscription.type.value).dec()
             if group2.remove(subscription):
                 group2.closed = True
                 del state.level2[key2]
@@ -258,6 +262,7 @@ class Hub:
             group1 = state.level1.get(subscription.conflation)
             if group1 is None or subscription not in group1.members:
                 return
+            SUBSCRIPTIONS.labels(subscription.type.value).dec()
             if group1.remove(subscription):
                 group1.closed = True
                 del state.level1[subscription.conflation]
