@@ -25,6 +25,7 @@ from typing import Any
 import ccxt.pro
 import pytest
 from prometheus_client import REGISTRY
+from websockets.exceptions import ConnectionClosed
 
 from caspian.book import OrderBook
 from caspian.catalog.builtin import builtin_markets, builtin_products
@@ -41,6 +42,7 @@ from caspian.sources.live import (
     ADAPTERS,
     LIVE_URLS_ENV,
     UNSUPPORTED,
+    BitmexConnection,
     LiveSource,
     _Feed,
     _Session,
@@ -51,6 +53,7 @@ from caspian.sources.live import (
 from tests.support.client import StreamClient, apply_level2
 from tests.support.mock_exchanges import (
     BinanceMock,
+    BitmexMock,
     CoinbaseMock,
     DeribitMock,
     GeminiMock,
@@ -84,6 +87,9 @@ class Venue:
     #: How the exchange's own integrity check is broken, and the resync reason.
     breakage: str
     reason: str
+    #: False where one update of the mock's book takes several messages (BitMEX
+    #: sends each action apart), so that it may show as several diffs.
+    one_message_per_update: bool = True
 
 
 VENUES = [
@@ -161,6 +167,19 @@ VENUES = [
         "lose",
         "sequence",
     ),
+    Venue(
+        "BITMEX",
+        "PERP-BTC/USD=BITMEX",
+        BitmexMock,
+        lambda m: {"api": {"ws": m.ws_url + "/realtime"}},
+        "orderBookL2",
+        "trade",
+        lambda m: m.trade(100.0, 0.5, "Buy"),
+        lambda raw: {"side": "BUY", "tickDirection": raw["tickDirection"]},
+        "cross",
+        "crossed",
+        one_message_per_update=False,
+    ),
 ]
 
 
@@ -209,6 +228,10 @@ def books_since(collector: Collector, mark: int) -> list[BookEvent]:
 
 def synced(collector: Collector, mock: MockExchange) -> bool:
     return collector.ready and collector.view() == mock.top(DEPTH)
+
+
+def diffed_and_synced(collector: Collector, mock: MockExchange, mark: int) -> bool:
+    return bool(books_since(collector, mark)) and synced(collector, mock)
 
 
 async def until(predicate: Callable[[], object], within: float = 5.0) -> None:
@@ -297,12 +320,12 @@ async def test_book_follows_the_exchange(venue: Venue) -> None:
                 await asyncio.sleep(0.2)
                 assert not books_since(c, mark)
                 continue
-            await until(functools.partial(books_since, c, mark))
+            await until(functools.partial(diffed_and_synced, c, mock, mark))
             diffs = books_since(c, mark)
-            assert len(diffs) == 1 and not diffs[0].snapshot
-            assert sorted(diffs[0].bids) == sorted(want_bids)
-            assert sorted(diffs[0].asks) == sorted(want_asks)
-            assert synced(c, mock)
+            assert not any(diff.snapshot for diff in diffs)
+            assert len(diffs) == 1 or not venue.one_message_per_update
+            assert sorted(level for diff in diffs for level in diff.bids) == sorted(want_bids)
+            assert sorted(level for diff in diffs for level in diff.asks) == sorted(want_asks)
         assert source.watched == {venue.symbol}
 
 
@@ -477,6 +500,70 @@ async def test_a_stopped_feed_emits_nothing() -> None:
     assert len(events) == 4
 
 
+# -- BitMEX, streamed without ccxt ------------------------------------------------------
+
+BITMEX = next(venue for venue in VENUES if venue.code == "BITMEX")
+
+
+async def test_bitmex_pings_keep_a_quiet_connection_up() -> None:
+    async with streaming(BITMEX, stall_timeout_s=1.0) as (source, c, mock):
+        await started(BITMEX, source, c, mock)
+        assert isinstance(mock, BitmexMock)
+        labels = {"exchange": "BITMEX", "symbol": BITMEX.symbol, "reason": "stall"}
+        stalls = sample("caspian_resyncs_total", **labels)
+        # No market data for longer than the watchdog's limit: only pongs.
+        await asyncio.sleep(1.6)
+        assert mock.pings >= 3
+        assert c.all(StreamState.CONNECTED)
+        assert sample("caspian_resyncs_total", **labels) == stalls
+        assert mock.subscribes["orderBookL2"] == 1
+
+
+async def test_bitmex_change_to_an_unknown_level_rebuilds_the_book() -> None:
+    """A lost insert shows when its level changes: BitMEX has no sequence numbers."""
+    async with streaming(BITMEX) as (source, c, mock):
+        await started(BITMEX, source, c, mock)
+        assert isinstance(mock, BitmexMock)
+        labels = {"exchange": "BITMEX", "symbol": BITMEX.symbol, "reason": "sequence"}
+        resyncs = sample("caspian_resyncs_total", **labels)
+        mark = len(c.events)
+        mock.lose_update(bids=[(99.25, 1.0)])
+        await mock.update(bids=[(99.25, 2.0)])
+        await until(lambda: c.states[Stream.DEPTH] is StreamState.DISCONNECTED)
+        await mock.wait_subscribes("orderBookL2", 2)
+        await until(lambda: synced(c, mock) and c.all(StreamState.CONNECTED))
+        assert books_since(c, mark)[0].snapshot
+        assert sample("caspian_resyncs_total", **labels) == resyncs + 1
+
+
+async def test_bitmex_changes_before_the_partial_are_ignored() -> None:
+    """BitMEX may send a table's changes before its partial: they are already in it."""
+    mock = BitmexMock()
+    mock.set_book(BIDS, ASKS)
+    mock.before_partial = [
+        {
+            "table": "orderBookL2",
+            "action": "update",
+            "data": [{"symbol": "XBTUSD", "id": mock.level_id(99.0), "size": 5}],
+        },
+        {"table": "orderBookL2", "action": "delete", "data": [{"symbol": "XBTUSD", "id": 1}]},
+    ]
+    await mock.start()
+    connection = BitmexConnection({"api": {"ws": mock.ws_url}}, 30.0)
+    try:
+        book = await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
+        assert (book["bids"], book["asks"]) == mock.top(100)
+        await mock.update(bids=[(99.0, 0.0)], asks=[(100.0, 3.0)])
+        book = await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
+        assert (book["bids"], book["asks"]) == mock.top(100)
+        mock.drop()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
+    finally:
+        await connection.close()
+        await mock.stop()
+
+
 # -- watching ---------------------------------------------------------------------
 
 
@@ -540,16 +627,18 @@ def test_every_exchange_is_streamed_or_says_why_not() -> None:
     assert set(ADAPTERS) | set(UNSUPPORTED) == codes
     assert not set(ADAPTERS) & set(UNSUPPORTED)
     for adapter in ADAPTERS.values():
-        assert adapter.ccxt_id in ccxt.pro.exchanges, adapter.ccxt_id
-    # The reasons hold for this ccxt: none of them has a ccxt.pro exchange.
+        assert adapter.ccxt_id is None or adapter.ccxt_id in ccxt.pro.exchanges, adapter.ccxt_id
+    # The reasons hold for this ccxt: none of them has a ccxt.pro exchange, nor
+    # BitMEX, which is streamed natively.
     for missing in ("bitflyer", "bitmex", "bittrex", "btcc", "itbit", "korbit", "liquid"):
         assert missing not in ccxt.pro.exchanges
 
 
 def test_parse_exchanges() -> None:
     assert parse_exchanges(" gdax, KRAKEN ") == ["GDAX", "KRAKEN"]
-    with pytest.raises(ValueError, match="BitMEX"):
-        parse_exchanges("BITMEX")
+    assert parse_exchanges("bitmex") == ["BITMEX"]
+    with pytest.raises(ValueError, match="bitFlyer"):
+        parse_exchanges("BITFLYER")
     with pytest.raises(ValueError, match="unknown exchange"):
         parse_exchanges("NYSE")
     with pytest.raises(ValueError, match="name the exchanges"):

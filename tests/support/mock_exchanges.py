@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterable
@@ -128,6 +129,8 @@ class MockExchange:
             async for raw in connection:
                 if connection in self._stalled:
                     continue
+                if isinstance(raw, str) and await self.on_text(connection, raw):
+                    continue
                 message = orjson.loads(raw)
                 self.received.append(message)
                 await self.on_message(connection, message)
@@ -154,6 +157,10 @@ class MockExchange:
     async def on_message(self, connection: ServerConnection, message: Message) -> None:
         raise NotImplementedError
 
+    async def on_text(self, connection: ServerConnection, text: str) -> bool:
+        """Answers a message that is not JSON (BitMEX's ``ping``); whether it was one."""
+        return False
+
     def heartbeats(self, channels: set[str]) -> list[Message]:
         """The heartbeat messages of one beat for a connection subscribed to ``channels``."""
         return []
@@ -169,10 +176,13 @@ class MockExchange:
         self.subscribes[channel] += 1
 
     async def send(self, connection: ServerConnection, message: Any) -> None:
+        await self.send_text(connection, orjson.dumps(message).decode())
+
+    async def send_text(self, connection: ServerConnection, text: str) -> None:
         if connection in self._stalled:
             return
         with contextlib.suppress(ConnectionClosed):
-            await connection.send(orjson.dumps(message).decode())
+            await connection.send(text)
 
     async def publish(self, channel: str, message: Any) -> None:
         """Sends to every connection subscribed to ``channel``."""
@@ -775,3 +785,154 @@ class DeribitMock(MockExchange):
         }
         await self.publish("trades", self._notification("trades", [data]))
         return data
+
+
+# -- BitMEX (realtime API) -------------------------------------------------------------
+
+
+class BitmexMock(MockExchange):
+    """``wss://ws.bitmex.com/realtime``: the ``orderBookL2`` and ``trade`` tables.
+
+    Levels are named by id, one per price as BitMEX derives them; updates
+    and deletes carry the id and no price. There are no server heartbeats:
+    the client sends ``ping`` and gets ``pong``.
+    """
+
+    def __init__(self, symbol: str = "XBTUSD") -> None:
+        super().__init__()
+        self.symbol = symbol
+        #: ``ping`` messages received, over all connections.
+        self.pings = 0
+        #: Sent on each ``orderBookL2`` subscription just before its partial.
+        self.before_partial: list[Message] = []
+
+    @staticmethod
+    def level_id(price: float) -> int:
+        return 8_800_000_000 - round(price * 100)
+
+    @staticmethod
+    def timestamp() -> str:
+        """BitMEX writes milliseconds."""
+        return iso_now()[:-4] + "Z"
+
+    async def on_connect(self, connection: ServerConnection) -> None:
+        await self.send(
+            connection,
+            {
+                "info": "Welcome to the BitMEX Realtime API.",
+                "version": "2.0.0",
+                "timestamp": self.timestamp(),
+                "docs": "https://www.bitmex.com/app/wsAPI",
+                "heartbeatEnabled": False,
+                "limit": {"remaining": 179},
+            },
+        )
+
+    async def on_text(self, connection: ServerConnection, text: str) -> bool:
+        if text != "ping":
+            return False
+        self.pings += 1
+        await self.send_text(connection, "pong")
+        return True
+
+    async def on_message(self, connection: ServerConnection, message: Message) -> None:
+        if message.get("op") != "subscribe":
+            await self.send(
+                connection, {"status": 400, "error": "Unknown op", "meta": {}, "request": message}
+            )
+            return
+        for topic in message.get("args", []):
+            table, _, symbol = topic.partition(":")
+            if symbol != self.symbol or table not in ("orderBookL2", "trade"):
+                await self.send(
+                    connection,
+                    {
+                        "status": 400,
+                        "error": f"Unknown or expired symbol: {topic}",
+                        "meta": {},
+                        "request": message,
+                    },
+                )
+                continue
+            self.subscribed(connection, table)
+            await self.send(connection, {"success": True, "subscribe": topic, "request": message})
+            if table == "orderBookL2":
+                for early in self.before_partial:
+                    await self.send(connection, early)
+                bids, asks = self.top(10_000)
+                rows = self._rows("Buy", bids) + self._rows("Sell", asks)
+            else:
+                # The partial of ``trade`` is the last trade: history.
+                rows = [self._trade(99.0, 0.25, "Sell")]
+            await self.send(connection, self._table(table, "partial", rows))
+
+    def _table(self, table: str, action: str, rows: list[Message]) -> Message:
+        message: Message = {"table": table, "action": action, "data": rows}
+        if action == "partial":
+            message["keys"] = ["symbol", "id", "side"] if table == "orderBookL2" else []
+            message["filter"] = {"symbol": self.symbol}
+        return message
+
+    def _rows(self, side: str, levels: Iterable[Level]) -> list[Message]:
+        return [
+            {
+                "symbol": self.symbol,
+                "id": self.level_id(p),
+                "side": side,
+                "size": s,
+                "price": p,
+                "timestamp": self.timestamp(),
+            }
+            for p, s in levels
+        ]
+
+    async def update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
+        bids, asks = list(bids), list(asks)
+        messages = self._messages(bids, asks)
+        self.apply(bids, asks)
+        for message in messages:
+            await self.publish("orderBookL2", message)
+
+    async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
+        """Publishes changes the mock's book does not take: a corrupt feed."""
+        for message in self._messages(list(bids), list(asks)):
+            await self.publish("orderBookL2", message)
+
+    def lose_update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
+        self.apply(bids, asks)
+
+    def _messages(self, bids: list[Level], asks: list[Level]) -> list[Message]:
+        """One message per action, as BitMEX sends them: delete, update, insert."""
+        actions: dict[str, list[Message]] = {"delete": [], "update": [], "insert": []}
+        for side, levels, book in (("Buy", bids, self.bids), ("Sell", asks, self.asks)):
+            for price, size in levels:
+                row: Message = {"symbol": self.symbol, "id": self.level_id(price)}
+                if size == 0:
+                    actions["delete"].append(row)
+                elif price in book:
+                    actions["update"].append({**row, "size": size, "timestamp": self.timestamp()})
+                else:
+                    actions["insert"] += self._rows(side, [(price, size)])
+        return [
+            self._table("orderBookL2", action, rows) for action, rows in actions.items() if rows
+        ]
+
+    def _trade(self, price: float, size: float, side: str) -> Message:
+        return {
+            "timestamp": self.timestamp(),
+            "symbol": self.symbol,
+            "side": side,
+            "size": size,
+            "price": price,
+            "tickDirection": "PlusTick",
+            "trdMatchID": str(uuid.uuid4()),
+            "grossValue": round(size * 1e8 / price),
+            "homeNotional": size / price,
+            "foreignNotional": size,
+            "trdType": "Regular",
+        }
+
+    async def trade(self, price: float, size: float, side: str) -> Message:
+        row = self._trade(price, size, side)
+        await self.publish("trade", self._table("trade", "insert", [row]))
+        return row

@@ -1,5 +1,10 @@
 """Real exchanges through ccxt.pro: ``CASPIAN_SOURCE=live:GEMINI,KRAKEN,...``.
 
+BitMEX, which ccxt no longer ships, is streamed by :class:`BitmexConnection`,
+a small client of BitMEX's realtime API offering the part of ccxt.pro's
+exchange interface a feed uses, so that it runs through the same sessions,
+watchdog, checks and metrics as the others.
+
 ::
 
     source = LiveSource(["KRAKEN", "GDAX"], catalog.get)
@@ -22,12 +27,14 @@ an exponential backoff with jitter. A session ends on
 - the watchdog: no message at all, heartbeats included, for
   ``stall_timeout_s`` (``stall``). The exchanges whose feeds carry heartbeats
   (Kraken, Gemini, Coinbase, where the heartbeat channel is subscribed for
-  this) never trip it on a quiet market; on the others a market quieter than
-  the timeout costs a needless resubscribe;
+  this, and BitMEX, which answers the client's pings) never trip it on a
+  quiet market; on the others a market quieter than the timeout costs a
+  needless resubscribe;
 - a book that cannot be trusted (``checksum``, ``sequence``, ``crossed``):
   ccxt's own checks (Binance's and HTX's update ids, OKX's and Bitfinex's
   checksums, ...) and those of :mod:`caspian.sources.integrity` (Kraken's
-  checksum, Deribit's change ids, a crossed book everywhere).
+  checksum, Deribit's change ids, a crossed book everywhere) or BitMEX's
+  own (a change to a level it never announced).
 
 When a session ends the symbol's three streams go ``disconnected`` at once,
 which makes the gateway drop the book; the next session's first book goes out
@@ -46,6 +53,7 @@ Tests and proxies point ccxt at other servers with ``urls``, or the
 ``CASPIAN_LIVE_URLS`` environment variable holding the same JSON: per
 Caspian exchange code, values merged into the ccxt exchange's ``urls``, e.g.
 ``{"GDAX": {"api": {"ws": "ws://127.0.0.1:9000", "public": "http://127.0.0.1:9000"}}}``.
+BitMEX takes the same ``{"api": {"ws": ...}}``.
 """
 
 from __future__ import annotations
@@ -57,11 +65,14 @@ import os
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import ccxt.pro
 import orjson
 from ccxt.base.errors import ChecksumError, InvalidNonce, NetworkError
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from caspian.catalog.product import ProductSpec
 from caspian.codes import Stream, StreamState
@@ -88,8 +99,16 @@ _STREAMS = (Stream.DEPTH, Stream.TRADE, Stream.BBO)
 #: exchanges replay on subscribing, already sent in an earlier session.
 _HISTORY_TOLERANCE_MS = 10_000
 
+#: BitMEX asks clients to ping once 5 s pass without a message; pinging every
+#: 5 s does that without tracking the silence.
+_BITMEX_PING_S = 5.0
+_BITMEX_WS = "wss://ws.bitmex.com/realtime"
+
 WatchBook = Callable[[Any, str, int | None], Awaitable[Any]]
 MakeCheck = Callable[[Mapping[str, Any]], BookCheck]
+#: Makes a feed's exchange object without ccxt, from the URL overrides and the
+#: watchdog's silence limit.
+NativeExchange = Callable[[Mapping[str, Any], float], Any]
 
 
 async def _watch_order_book(exchange: Any, symbol: str, limit: int | None) -> Any:
@@ -147,11 +166,192 @@ def _gemini_without_history(message: Any) -> Any:
     return message
 
 
+def _ms(timestamp: Any) -> int | None:
+    """Milliseconds of one of BitMEX's ISO 8601 times (``2024-05-01T12:00:00.123Z``)."""
+    if not isinstance(timestamp, str):
+        return None
+    return int(datetime.fromisoformat(timestamp).timestamp() * 1000)
+
+
+class BitmexConnection:
+    """One symbol's ``orderBookL2`` and ``trade`` tables of BitMEX's realtime API.
+
+    It behaves as the ccxt.pro exchanges do where a feed relies on it: it
+    connects on the first watch and subscribes each table on its first
+    watch, hands every raw message to ``handle_message`` (which the feed
+    wraps), and a dropped connection raises from the watch calls.
+
+    BitMEX's ``orderBookL2`` names levels by id: updates and deletes may
+    carry the id alone, so the side and price of every id are kept.
+    """
+
+    def __init__(self, urls: Mapping[str, Any], stall_timeout_s: float) -> None:
+        self.urls = _merged({"api": {"ws": _BITMEX_WS}}, urls)
+        self.handle_message: Callable[[Any, Any], None] = self._handle
+        # A pong well within the watchdog's limit keeps a quiet market from tripping it.
+        self._ping_s = min(_BITMEX_PING_S, stall_timeout_s / 3)
+        self._ws: ClientConnection | None = None
+        self._opening = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._topics: set[str] = set()
+        self._failure: BaseException | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._ids: dict[Any, tuple[str, float]] = {}
+        self._bids: dict[float, float] = {}
+        self._asks: dict[float, float] = {}
+        self._book_ms: int | None = None
+        self._has_book = False
+        self._book_changed = False
+        self._trades: list[dict[str, Any]] = []
+
+    async def watch_order_book(self, symbol: str, limit: int | None = None) -> dict[str, Any]:
+        await self._subscribe(f"orderBookL2:{symbol}")
+        while not self._book_changed:
+            await self._next()
+        self._book_changed = False
+        bids = sorted(self._bids.items(), reverse=True)[:limit]
+        asks = sorted(self._asks.items())[:limit]
+        return {"bids": bids, "asks": asks, "timestamp": self._book_ms}
+
+    async def watch_trades(
+        self, symbol: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        await self._subscribe(f"trade:{symbol}")
+        while not self._trades:
+            await self._next()
+        trades, self._trades = self._trades, []
+        return trades
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _subscribe(self, topic: str) -> None:
+        if topic in self._topics:
+            return
+        self._topics.add(topic)
+        ws = await self._open()
+        await ws.send(orjson.dumps({"op": "subscribe", "args": [topic]}).decode())
+
+    async def _open(self) -> ClientConnection:
+        async with self._opening:
+            if self._ws is None:
+                # BitMEX's text pings are the heartbeat the watchdog sees; the
+                # protocol's own would not show as messages.
+                self._ws = await connect(
+                    self.urls["api"]["ws"],
+                    ping_interval=None,
+                    close_timeout=1.0,
+                    # A whole book of a busy contract exceeds the 1 MiB default.
+                    max_size=2**24,
+                )
+                loop = asyncio.get_running_loop()
+                self._tasks = [
+                    loop.create_task(self._receive(self._ws)),
+                    loop.create_task(self._ping(self._ws)),
+                ]
+            return self._ws
+
+    async def _next(self) -> None:
+        """Waits for the next message, raising once the connection has failed."""
+        if self._failure is not None:
+            raise self._failure
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_future()
+        # Both watchers wait on one future: one of them being cancelled
+        # must not cancel it for the other.
+        await asyncio.shield(self._wake)
+        if self._failure is not None:
+            raise self._failure
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        failure: BaseException = ConnectionError("BitMEX closed the connection")
+        try:
+            async for raw in ws:
+                self.handle_message(self, "pong" if raw == "pong" else orjson.loads(raw))
+        except Exception as exc:
+            failure = exc
+        self._failure = failure
+        self._notify()
+
+    async def _ping(self, ws: ClientConnection) -> None:
+        # A failed send is the receiver's to report.
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(self._ping_s)
+                await ws.send("ping")
+
+    def _handle(self, client: Any, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        if "error" in message:
+            raise RuntimeError(f"BitMEX refused {message.get('request')}: {message['error']}")
+        table, action, rows = message.get("table"), message.get("action"), message.get("data")
+        if not isinstance(rows, list):
+            return
+        if table == "orderBookL2":
+            self._apply_book(action, rows)
+        elif table == "trade" and action == "insert":
+            # The partial sent on subscribing is history.
+            self._trades += [
+                {
+                    "id": row.get("trdMatchID"),
+                    "timestamp": _ms(row.get("timestamp")),
+                    "price": row.get("price"),
+                    "amount": row.get("size"),
+                    "side": row.get("side"),
+                    "info": row,
+                }
+                for row in rows
+            ]
+            self._notify()
+
+    def _apply_book(self, action: Any, rows: list[dict[str, Any]]) -> None:
+        if action == "partial":
+            self._ids.clear()
+            self._bids.clear()
+            self._asks.clear()
+            self._has_book = True
+        elif not self._has_book:
+            # Changes to a book not received yet.
+            return
+        for row in rows:
+            if action in ("partial", "insert"):
+                side, price = str(row["side"]), float(row["price"])
+                self._ids[row["id"]] = (side, price)
+            else:
+                known = self._ids.get(row["id"])
+                if known is None:
+                    raise IntegrityError(
+                        "sequence", f"{action} of level {row['id']}, which was never inserted"
+                    )
+                side, price = known
+            levels = self._bids if side == "Buy" else self._asks
+            if action == "delete":
+                del self._ids[row["id"]]
+                levels.pop(price, None)
+            else:
+                levels[price] = float(row["size"])
+            stamp = _ms(row.get("timestamp"))
+            if stamp is not None:
+                self._book_ms = stamp
+        self._book_changed = True
+        self._notify()
+
+
 @dataclass(frozen=True, slots=True)
 class Adapter:
     """What differs between exchanges, on top of ccxt.pro's unified API."""
 
-    ccxt_id: str
+    #: None for an exchange streamed without ccxt, by ``native``.
+    ccxt_id: str | None
     #: Depth asked of ccxt; None leaves the exchange's default (often full depth).
     book_limit: int | None = None
     watch_book: WatchBook = _watch_order_book
@@ -164,14 +364,21 @@ class Adapter:
     #: What ccxt's ChecksumError means here: some ccxt exchanges raise it on
     #: update-id gaps.
     checksum_reason: str = "checksum"
+    native: NativeExchange | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ccxt_id is None) == (self.native is None):
+            raise ValueError("an adapter streams either through ccxt or natively")
 
 
-#: The exchanges ccxt.pro streams. Those given more than a ccxt id were tested
-#: against local servers speaking their message formats.
+#: The exchanges ccxt.pro streams, and BitMEX. Those given more than a ccxt id
+#: were tested against local servers speaking their message formats.
 ADAPTERS: dict[str, Adapter] = {
     "BINANCE": Adapter("binance", book_limit=1000, checksum_reason="sequence"),
     "BITFINEX": Adapter("bitfinex"),
     "BITHUMB": Adapter("bithumb"),
+    # Native ids (XBTUSD) name its products, as there are no ccxt markets.
+    "BITMEX": Adapter(None, info_fields=("tickDirection",), native=BitmexConnection),
     "BITSTAMP": Adapter("bitstamp"),
     "CEX": Adapter("cex"),
     "GDAX": Adapter(
@@ -205,7 +412,6 @@ ADAPTERS: dict[str, Adapter] = {
 #: Why the other Caspian exchanges cannot be streamed.
 UNSUPPORTED: dict[str, str] = {
     "BITFLYER": "ccxt.pro has no WebSocket support for bitFlyer (ccxt has its REST API only)",
-    "BITMEX": "the ccxt this service uses (4.5) no longer ships BitMEX, REST or WebSocket",
     "BITTREX": "the exchange closed in December 2023",
     "BTCC": "the exchange closed the spot market the API knew in 2017; ccxt dropped it",
     "ITBIT": "itBit became Paxos; ccxt dropped it",
@@ -260,7 +466,7 @@ def _reason(exc: BaseException, adapter: Adapter) -> str:
         return adapter.checksum_reason
     if isinstance(exc, InvalidNonce):
         return "sequence"
-    if isinstance(exc, NetworkError):
+    if isinstance(exc, NetworkError | OSError | WebSocketException):
         return "disconnect"
     return "error"
 
@@ -325,10 +531,11 @@ class LiveSource(Source):
     """Streams watched catalog products of ``exchanges`` (Caspian codes) from the exchanges.
 
     ``product`` resolves a Caspian code; its ``native_code_v2`` is the ccxt
-    symbol. ``urls`` overrides ccxt URLs per exchange (module docs);
-    ``markets`` gives ccxt markets per exchange instead of loading them from
-    the exchange. ``depth`` levels per side are kept; ``stall_timeout_s`` is
-    the watchdog's silence limit; reconnects wait ``backoff_initial_s``,
+    symbol (BitMEX, streamed without ccxt, takes its ``native_code``).
+    ``urls`` overrides ccxt URLs per exchange (module docs); ``markets``
+    gives ccxt markets per exchange instead of loading them from the
+    exchange. ``depth`` levels per side are kept; ``stall_timeout_s`` is the
+    watchdog's silence limit; reconnects wait ``backoff_initial_s``,
     doubling up to ``backoff_max_s``.
     """
 
@@ -421,10 +628,13 @@ class LiveSource(Source):
         self._feeds[spec.caspian_code] = (feed, task)
 
     def new_exchange(self, code: str) -> Any:
-        """A ccxt.pro exchange object of ``code`` with this source's URL overrides."""
+        """A ccxt.pro exchange object of ``code`` (or its native one) with the URL overrides."""
         adapter = ADAPTERS[code]
-        exchange = getattr(ccxt.pro, adapter.ccxt_id)({"enableRateLimit": True})
         overrides = self._urls.get(code)
+        if adapter.ccxt_id is None:
+            assert adapter.native is not None
+            return adapter.native(overrides or {}, self.stall_timeout_s)
+        exchange = getattr(ccxt.pro, adapter.ccxt_id)({"enableRateLimit": True})
         if overrides:
             exchange.urls = _merged(exchange.urls, overrides)
         return exchange
@@ -488,7 +698,8 @@ class _Feed:
         self._adapter = adapter
         self._sink = sink
         self._symbol = spec.caspian_code
-        self._ccxt_symbol = spec.native_code_v2
+        # What the exchange object calls the symbol.
+        self._market_symbol = spec.native_code_v2 if adapter.native is None else spec.native_code
         self._labels = (spec.exchange, spec.caspian_code)
         self._up = False
         self._stopped = False
@@ -525,20 +736,23 @@ class _Feed:
         exchange = source.new_exchange(code)
         tasks: list[asyncio.Task[None]] = []
         try:
-            try:
-                loader = await source.loader(code)
-            except Exception as exc:
-                return _Ended(_reason(exc, self._adapter), exc)
-            market = loader.markets.get(self._ccxt_symbol) if loader.markets else None
-            if market is None:
-                log.error(
-                    "not streaming %s: %s has no market %r",
-                    self._symbol,
-                    code,
-                    self._ccxt_symbol,
-                )
-                return None
-            exchange.set_markets_from_exchange(loader)
+            if self._adapter.native is None:
+                try:
+                    loader = await source.loader(code)
+                except Exception as exc:
+                    return _Ended(_reason(exc, self._adapter), exc)
+                market = loader.markets.get(self._market_symbol) if loader.markets else None
+                if market is None:
+                    log.error(
+                        "not streaming %s: %s has no market %r",
+                        self._symbol,
+                        code,
+                        self._market_symbol,
+                    )
+                    return None
+                exchange.set_markets_from_exchange(loader)
+            else:
+                market = {"id": self._market_symbol, "symbol": self._market_symbol}
             self._hook(exchange, session, market)
             tasks = [
                 asyncio.create_task(self._guard(session, self._books(exchange, session))),
@@ -558,7 +772,7 @@ class _Feed:
         prepare = self._adapter.prepare
         check = self._adapter.check(market) if self._adapter.check is not None else None
         loop = asyncio.get_running_loop()
-        ccxt_symbol = self._ccxt_symbol
+        market_symbol = self._market_symbol
 
         def on_message(client: Any, message: Any) -> None:
             if session.over:
@@ -569,7 +783,7 @@ class _Feed:
             try:
                 handle(client, message)
                 if check is not None:
-                    check(message, exchange.orderbooks.get(ccxt_symbol))
+                    check(message, exchange.orderbooks.get(market_symbol))
             except Exception as exc:
                 # An exception escaping here would stop ccxt's receive loop
                 # for good, leaving a silent connection behind.
@@ -599,7 +813,7 @@ class _Feed:
         limit = self._adapter.book_limit
         depth = self._source.depth
         while True:
-            book = await watch(exchange, self._ccxt_symbol, limit)
+            book = await watch(exchange, self._market_symbol, limit)
             if session.over:
                 # ccxt applied the message that failed a check and woke us up
                 # before the check ran: that book must not go out.
@@ -638,7 +852,7 @@ class _Feed:
         oldest_ms = session.start_ms - _HISTORY_TOLERANCE_MS
         while True:
             trades = await exchange.watch_trades(
-                self._ccxt_symbol, params=dict(self._adapter.trade_params)
+                self._market_symbol, params=dict(self._adapter.trade_params)
             )
             if session.over:
                 return
