@@ -35,10 +35,10 @@ from loadgen import (
     BenchSetup,
     Server,
     Window,
+    bench_main,
     busy_cpu_seconds,
     machine,
     percentile,
-    raise_nofile,
 )
 
 SYMBOLS = "FX-BTC/USD=GEMINI,FX-ETH/USD=GEMINI,FX-BTC/USDT=BINANCE"
@@ -426,8 +426,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    limit = raise_nofile()
-    arguments = parse_args()
-    if arguments.connections + 100 > limit:
-        raise SystemExit(f"the open-files limit {limit} is too low for {arguments.connections}")
-    run(arguments)
+    bench_main(parse_args, run)

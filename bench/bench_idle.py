@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from loadgen import (
     BenchSetup,
     Server,
+    bench_main,
     machine,
-    raise_nofile,
 )
 
 WARMUP_CONNECTIONS = 20
@@ -188,8 +188,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    limit = raise_nofile()
-    arguments = parse_args()
-    if arguments.connections + 100 > limit:
-        raise SystemExit(f"the open-files limit {limit} is too low for {arguments.connections}")
-    run(arguments)
+    bench_main(parse_args, run)

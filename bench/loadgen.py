@@ -30,7 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -756,3 +756,12 @@ class BenchSetup:
             )
         seconds: float = opened["seconds"]
         return seconds
+
+
+def bench_main(parse_args: Callable[[], Any], run: Callable[[Any], None]) -> None:
+    """A benchmark's entry point: enough open files for its connections, then the run."""
+    limit = raise_nofile()
+    arguments = parse_args()
+    if arguments.connections + 100 > limit:
+        raise SystemExit(f"the open-files limit {limit} is too low for {arguments.connections}")
+    run(arguments)
