@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.postgres import PostgresServer
+from tests.support.postgres import PostgresServer, running_server
 from tests.support.service import RunningService, start_service
 
 DATABASE_ERROR = {"code": 5001, "message": "Could not access the database"}
@@ -41,12 +41,8 @@ def timed(call: Any) -> tuple[httpx.Response, float]:
 @pytest.fixture
 def outage_server() -> Iterator[PostgresServer]:
     # A server of its own: stopping the shared one would break other tests using it.
-    server = PostgresServer()
-    try:
-        server.start()
+    with running_server() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 def test_service_serves_from_postgres(

@@ -36,6 +36,7 @@ from caspian.gateway.hub import Hub
 from caspian.gateway.session import Subscription
 from caspian.service import make_source
 from caspian.settings import Settings
+from caspian.sources.base import EventSink
 from caspian.sources.recorder import Recorder
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import Simulator
@@ -53,6 +54,17 @@ BookKey = tuple[str, float]
 
 
 # -- the file, read plainly --------------------------------------------------
+
+
+async def replay_to_end(source: ReplaySource, sink: EventSink) -> None:
+    """Run ``source`` into ``sink`` until its file is through, then stop it."""
+    task = asyncio.create_task(source.run(sink))
+    try:
+        await asyncio.wait_for(source.finished.wait(), 10)
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 def file_lines(path: Path) -> list[dict[str, Any]]:
@@ -486,13 +498,7 @@ async def test_a_recording_replays_as_the_original_run(tmp_path: Path) -> None:
     direct = HubClient()
     hub.add(Subscription("l2", product, SubscriptionType.LEVEL2, 10, "None"), direct)
     hub.add(Subscription("l1", product, SubscriptionType.LEVEL1, 20, "None"), direct)
-    task = asyncio.create_task(source.run(hub.on_event))
-    try:
-        await asyncio.wait_for(source.finished.wait(), 10)
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+    await replay_to_end(source, hub.on_event)
     assert comparable(direct.messages, "Level2") == expected2
     assert comparable(direct.messages, "Level1") == expected1
 
@@ -654,13 +660,7 @@ async def test_pacing_follows_the_recorded_times() -> None:
         source.watch(symbol)
     loop = asyncio.get_running_loop()
     arrivals: list[tuple[float, int]] = []
-    task = asyncio.create_task(source.run(lambda event: arrivals.append((loop.time(), event.ts))))
-    try:
-        await asyncio.wait_for(source.finished.wait(), 10)
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+    await replay_to_end(source, lambda event: arrivals.append((loop.time(), event.ts)))
     assert len(arrivals) == len(lines)
     start, first_ts = arrivals[0]
     lateness = [(at - start) - (ts - first_ts) / 1e6 / speed for at, ts in arrivals]
@@ -675,13 +675,7 @@ async def test_speed_0_is_as_fast_as_possible() -> None:
     source = ReplaySource(SAMPLE, speed=0)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    task = asyncio.create_task(source.run(lambda event: None))
-    try:
-        await asyncio.wait_for(source.finished.wait(), 10)
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+    await replay_to_end(source, lambda event: None)
     assert loop.time() - started < duration_s(lines) / 10
 
 

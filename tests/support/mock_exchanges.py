@@ -167,6 +167,12 @@ class MockExchange:
 
     async def update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         """Changes the book and publishes the change (size 0 removes a level)."""
+        bids, asks = list(bids), list(asks)
+        self.apply(bids, asks)
+        await self.send_changes(bids, asks)
+
+    async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
+        """Publishes changes without applying them to the mock's own book."""
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------
@@ -339,11 +345,6 @@ class CoinbaseMock(MockExchange):
         return [["buy", self.price(p), self.size(s)] for p, s in bids] + [
             ["sell", self.price(p), self.size(s)] for p, s in asks
         ]
-
-    async def update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
-        bids, asks = list(bids), list(asks)
-        self.apply(bids, asks)
-        await self.send_changes(bids, asks)
 
     async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         """Publishes changes without applying them to the mock's own book."""
@@ -669,11 +670,6 @@ class GeminiMock(MockExchange):
             "quantity": self.size(quantity),
             "side": side,
         }
-
-    async def update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
-        bids, asks = list(bids), list(asks)
-        self.apply(bids, asks)
-        await self.send_changes(bids, asks)
 
     async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         await self.publish(
