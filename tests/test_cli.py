@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import shutil
@@ -24,6 +23,7 @@ import pytest
 
 from caspian.catalog.ccxt_markets import products_from_ccxt
 from caspian.catalog.importer import fetch_ccxt_markets
+from tests.support.cli import caspian, cli_env, fails, ok
 from tests.support.service import start_service
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "caspian"
@@ -31,48 +31,6 @@ KRAKEN_MARKETS = SRC / "catalog" / "data" / "ccxt" / "kraken.json"
 KRAKEN_RECORDING = Path(__file__).resolve().parent / "fixtures" / "kraken"
 KEY_ID = re.compile(r"[A-Z0-9]{20}")
 PRODUCT_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated$")
-
-
-def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    # Settings the developer's shell may hold must not leak into the command under test.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CASPIAN_")}
-    env["CASPIAN_DATA_DIR"] = str(data_dir)
-    env.update(extra)
-    return env
-
-
-def caspian(
-    data_dir: Path, *args: str, stdin: str | None = None, timeout: float = 60, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caspian", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=cli_env(data_dir, **env),
-        cwd=data_dir.parent,
-        timeout=timeout,
-    )
-
-
-def ok(data_dir: Path, *args: str, stdin: str | None = None, **env: str) -> str:
-    result = caspian(data_dir, *args, stdin=stdin, **env)
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    return result.stdout
-
-
-def fails(
-    data_dir: Path, *args: str, stdin: str | None = None, timeout: float = 60, **env: str
-) -> str:
-    """Runs a command that must fail with one line on stderr; returns that line."""
-    result = caspian(data_dir, *args, stdin=stdin, timeout=timeout, **env)
-    assert result.returncode != 0, (args, result.stdout)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def products(data_dir: Path) -> dict[str, dict[str, Any]]:
@@ -100,7 +58,7 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
         [script, "--help"], capture_output=True, text=True, env=cli_env(tmp_path), timeout=60
     )
     assert result.returncode == 0
-    for command in ("serve", "users", "keys", "products", "db"):
+    for command in ("serve", "users", "keys", "sessions", "products", "db"):
         assert command in result.stdout
 
 

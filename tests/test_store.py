@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,25 @@ from caspian.store import (
     KEY,
     USER,
     AlreadyExists,
+    GatewayInfo,
     NotFound,
     Principal,
+    SessionInfo,
     Store,
     StoreUnavailable,
 )
 from caspian.store.models import Base
 from tests.support.postgres import PostgresServer
 
-TABLES = {"users", "entitlements", "api_keys", "exchanges", "products"}
+TABLES = {
+    "users",
+    "entitlements",
+    "api_keys",
+    "exchanges",
+    "products",
+    "gateways",
+    "stream_sessions",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,6 +73,16 @@ async def raw_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
         async with engine.connect() as connection:
             result = await connection.execute(text(sql))
             return [tuple(row) for row in result]
+    finally:
+        await engine.dispose()
+
+
+async def raw_execute(url: str, sql: str) -> None:
+    """Change the database behind the store's back."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(sql))
     finally:
         await engine.dispose()
 
@@ -102,7 +123,7 @@ async def test_migrations_apply_from_empty_and_match_the_models(store_url: str) 
     finally:
         await store.close()
 
-    assert await raw_rows(store_url, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert await raw_rows(store_url, "SELECT version_num FROM alembic_version") == [("0002",)]
 
     def differences(connection: Connection) -> list[Any]:
         assert set(inspect(connection).get_table_names()) >= TABLES
@@ -272,6 +293,107 @@ async def test_grant_and_revoke_exchanges(store: Store) -> None:
         await store.grant("nobody", None)
     with pytest.raises(NotFound):
         await store.revoke("nobody", "GEMINI")
+
+
+# Registry of open stream sessions
+
+STALE_S = 60.0
+
+
+def gateway(name: str, pid: int = 4242) -> GatewayInfo:
+    return GatewayInfo(id=name, host=f"host-{name}", pid=pid, started_time=datetime(2026, 1, 1))
+
+
+def stream(name: str, user: str = "alice", key_id: str | None = None) -> SessionInfo:
+    return SessionInfo(
+        id=name, user=user, key_id=key_id, peer="10.0.0.1:50000", opened_time=datetime(2026, 1, 2)
+    )
+
+
+async def test_sync_adds_and_removes_a_gateways_sessions(store: Store) -> None:
+    a, b = gateway("gw-a"), gateway("gw-b")
+    one = stream("s1", key_id="V1QHTQPJ01921C3MDFHY")
+    first = await store.sync_gateway(a, [one, stream("s2", "bob")], [], STALE_S)
+    assert first.rejoined is True  # its first sync: there was no row yet
+    assert first.sessions == {"s1", "s2"}
+    assert (await store.sync_gateway(b, [stream("s3")], [], STALE_S)).sessions == {"s3"}
+
+    again = await store.sync_gateway(a, [stream("s4")], ["s2"], STALE_S)
+    assert (again.rejoined, again.sessions) == (False, {"s1", "s4"})
+    # Nothing to report still renews the gateway and answers what it holds; a session
+    # sent twice (a sync whose commit went unconfirmed) and an unknown close are harmless,
+    # and one gateway cannot close another's session.
+    quiet = await store.sync_gateway(a, [one], ["s2", "nope", "s3"], STALE_S)
+    assert (quiet.rejoined, quiet.sessions) == (False, {"s1", "s4"})
+
+    listed = await store.list_sessions(STALE_S)
+    assert [(row.session.id, row.gateway.id) for row in listed] == [
+        ("s1", "gw-a"),
+        ("s3", "gw-b"),
+        ("s4", "gw-a"),
+    ]
+    assert listed[0].session == one
+    assert listed[0].gateway == a
+    assert listed[2].session.key_id is None
+
+
+async def test_ending_a_session_drops_it_from_its_gateways_next_sync(store: Store) -> None:
+    a = gateway("gw-a")
+    await store.sync_gateway(a, [stream("s1"), stream("s2")], [], STALE_S)
+    assert await store.end_session("s1") is True
+    assert await store.end_session("s1") is False
+    assert await store.end_session("nope") is False
+    answer = await store.sync_gateway(a, [], [], STALE_S)
+    assert (answer.rejoined, answer.sessions) == (False, {"s2"})
+    assert [row.session.id for row in await store.list_sessions(STALE_S)] == ["s2"]
+
+
+async def test_stale_gateways_are_purged_with_their_sessions(store: Store, store_url: str) -> None:
+    a, b, c = gateway("gw-a"), gateway("gw-b"), gateway("gw-c")
+    await store.sync_gateway(a, [stream("a1"), stream("a2")], [], STALE_S)
+    await store.sync_gateway(b, [stream("b1")], [], STALE_S)
+    await store.sync_gateway(c, [stream("c1")], [], STALE_S)
+    listed = await store.list_sessions(STALE_S)
+    assert {row.session.id for row in listed} == {"a1", "a2", "b1", "c1"}
+    # a and b stopped syncing two minutes ago: the list leaves them out at once...
+    await raw_execute(
+        store_url,
+        "UPDATE gateways SET seen_time = seen_time - INTERVAL '2 minutes' WHERE id <> 'gw-c'"
+        if store_url.startswith("postgresql")
+        else "UPDATE gateways SET seen_time = datetime(seen_time, '-2 minutes') WHERE id <> 'gw-c'",
+    )
+    assert {row.session.id for row in await store.list_sessions(STALE_S)} == {"c1"}
+    assert len(await raw_rows(store_url, "SELECT id FROM stream_sessions")) == 4
+
+    # ...and the next sync of a live gateway purges them, their sessions by cascade.
+    assert (await store.sync_gateway(c, [], [], STALE_S)).sessions == {"c1"}
+    assert await raw_rows(store_url, "SELECT id FROM gateways") == [("gw-c",)]
+    assert await raw_rows(store_url, "SELECT id FROM stream_sessions") == [("c1",)]
+
+    # a was alive after all (a long store outage, say): it learns it was purged, and
+    # registers again what it sends.
+    back = await store.sync_gateway(a, [stream("a3")], [], STALE_S)
+    assert (back.rejoined, back.sessions) == (True, {"a3"})
+    back = await store.sync_gateway(a, [stream("a1"), stream("a2")], [], STALE_S)
+    assert (back.rejoined, back.sessions) == (False, {"a1", "a2", "a3"})
+
+
+async def test_a_gateway_leaving_takes_its_sessions(store: Store, store_url: str) -> None:
+    a, b = gateway("gw-a"), gateway("gw-b")
+    await store.sync_gateway(a, [stream("a1")], [], STALE_S)
+    await store.sync_gateway(b, [stream("b1")], [], STALE_S)
+    await store.remove_gateway("gw-a")
+    await store.remove_gateway("gw-a")
+    assert [row.session.id for row in await store.list_sessions(STALE_S)] == ["b1"]
+    assert await raw_rows(store_url, "SELECT id FROM stream_sessions") == [("b1",)]
+
+
+async def test_more_closed_sessions_than_a_statement_takes_parameters(store: Store) -> None:
+    a = gateway("gw-a")
+    await store.sync_gateway(a, [stream("s1"), stream("s2")], [], STALE_S)
+    # More than PostgreSQL takes in one statement (32767 bound parameters).
+    closed = [f"x{n}" for n in range(40_000)] + ["s1"]
+    assert (await store.sync_gateway(a, [], closed, STALE_S)).sessions == {"s2"}
 
 
 # Reference data

@@ -30,9 +30,13 @@ app = typer.Typer(
 users_app = typer.Typer(help="Credential logins and their entitlements.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (Key logins).", no_args_is_help=True)
 products_app = typer.Typer(help="The product catalog.", no_args_is_help=True)
+sessions_app = typer.Typer(
+    help="Open stream sessions, on every gateway sharing the store.", no_args_is_help=True
+)
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
+app.add_typer(sessions_app, name="sessions")
 app.add_typer(products_app, name="products")
 app.add_typer(db_app, name="db")
 
@@ -467,6 +471,46 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The accessKeyID.")])
     typer.echo(f"revoked {key_id}")
 
 
+# -- sessions --------------------------------------------------------------
+
+
+@sessions_app.command("list")
+def sessions_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the open stream sessions; each appears within CASPIAN_RECHECK_S of opening."""
+    stale_s = _settings(**_STORE_OPTIONS).session_stale_s
+
+    async def action(store: Any) -> list[Any]:
+        return list(await store.list_sessions(stale_s))
+
+    rows = [
+        {
+            "id": listed.session.id,
+            "user": listed.session.user,
+            "accessKeyID": listed.session.key_id,
+            "peer": listed.session.peer,
+            "gatewayHost": listed.gateway.host,
+            "gatewayPid": listed.gateway.pid,
+            "opened": listed.session.opened_time.isoformat(sep=" ", timespec="seconds"),
+        }
+        for listed in _with_store(action)
+    ]
+    _print_rows(rows, as_json, "sessions")
+
+
+@sessions_app.command("end")
+def sessions_end(session_id: Annotated[str, typer.Argument(help="The session's id.")]) -> None:
+    """End a stream session: its gateway closes it with 3003 within CASPIAN_RECHECK_S."""
+
+    async def action(store: Any) -> bool:
+        return bool(await store.end_session(session_id))
+
+    if not _with_store(action):
+        raise _fail(f"no session {session_id}")
+    typer.echo(f"ended {session_id}")
+
+
 # -- products --------------------------------------------------------------
 
 
@@ -570,8 +614,12 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, what: str) -> None:
         typer.echo(f"no {what}")
         return
     table = Table(*rows[0].keys())
+    # The first column names the row for the other commands (revoke, end): never shortened.
+    first, name = table.columns[0], next(iter(rows[0]))
+    first.no_wrap = True
+    first.min_width = max(len(str(row[name])) for row in rows)
     for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
+        table.add_row(*("-" if value is None else str(value) for value in row.values()))
     _console.print(table)
 
 

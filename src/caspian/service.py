@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -23,6 +25,7 @@ from caspian.codes import CloseCode, Stream, StreamState, SymbolType
 from caspian.events import StatusEvent
 from caspian.gateway.gateway import Gateway, StreamSettings
 from caspian.gateway.hub import Hub
+from caspian.gateway.registry import new_id
 from caspian.gateway.session import SessionLimits
 from caspian.maintenance import MaintenanceWindow
 from caspian.rest.app import create_app
@@ -30,8 +33,8 @@ from caspian.settings import Settings
 from caspian.sources.base import Source
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import SimProduct, Simulator
-from caspian.store import Store, StoreError
-from caspian.timefmt import now_us
+from caspian.store import GatewayInfo, GatewaySync, SessionInfo, Store, StoreError
+from caspian.timefmt import now_us, us_to_dt
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,13 @@ class Service:
         self.bus = make_bus(settings, self.source)
         self.hub = Hub(self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s)
         self.bus.handler = self.hub.on_event
+        #: This process in the cluster's session registry.
+        self.gateway_info = GatewayInfo(
+            id=new_id(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_time=us_to_dt(now_us()),
+        )
         self.gateway = Gateway(
             self.hub,
             self.tokens,
@@ -150,6 +160,7 @@ class Service:
                 ),
             ),
             self.maintenance_remaining,
+            self._sync_sessions,
         )
         self.rest = create_app(self, settings.max_body_bytes)
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,6 +178,11 @@ class Service:
         if principal is None:
             return None
         return principal.user, principal.exchanges
+
+    async def _sync_sessions(self, opened: list[SessionInfo], closed: list[str]) -> GatewaySync:
+        return await self.store.sync_gateway(
+            self.gateway_info, opened, closed, self.settings.session_stale_s
+        )
 
     def maintenance_remaining(self) -> float:
         if self._window is None:
@@ -195,6 +211,12 @@ class Service:
 
     async def stop(self) -> None:
         await self.gateway.stop()
+        try:
+            await self.store.remove_gateway(self.gateway_info.id)
+        except Exception as exc:
+            # Also after a failed start, with no schema yet: the rest of the shutdown must
+            # go on. Its sessions stay listed until another gateway purges it as stale.
+            log.warning("could not leave the session registry: %s", exc)
         self.hub.close()
         for task in self._tasks:
             task.cancel()

@@ -9,6 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from caspian.codes import SymbolType
 
+#: The least ``session_stale_s``, whatever ``recheck_s``.
+SESSION_STALE_MIN_S = 60.0
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CASPIAN_", extra="ignore")
@@ -46,8 +49,10 @@ class Settings(BaseSettings):
     recheck_s: float = Field(
         30.0,
         gt=0,
-        description="How often open streams' keys are checked again: a revoked key's "
-        "streams close with 3001, changed entitlements apply to new Subscribes.",
+        description="How often open streams are checked again: a revoked key's streams "
+        "close with 3001, changed entitlements apply to new Subscribes, and the cluster's "
+        "session registry is synced (sessions ended with 'caspian sessions end' close "
+        "with 3003).",
     )
     max_queue: int = Field(
         50_000, gt=0, description="Undelivered messages per connection before close 3007."
@@ -103,6 +108,18 @@ class Settings(BaseSettings):
 
         MaintenanceWindow.parse(value)
         return value
+
+    @property
+    def session_stale_s(self) -> float:
+        """How long a gateway may go without syncing the session registry before the others
+        purge it, with its sessions, and ``caspian sessions list`` stops showing them.
+
+        A live gateway syncs every ``recheck_s``: three missed rounds is a gateway that died
+        without saying so (killed, or cut off from the store). The floor keeps a short
+        ``recheck_s`` from purging gateways over a store hiccup; a purged gateway that is
+        alive registers itself and its sessions again at its next sync.
+        """
+        return max(3 * self.recheck_s, SESSION_STALE_MIN_S)
 
     @property
     def resolved_database_url(self) -> str:

@@ -31,6 +31,7 @@ from websockets.server import ServerProtocol
 
 from caspian.codes import CLOSE_REASONS, CloseCode, ProtocolErrorCode
 from caspian.gateway.gateway import Gateway
+from caspian.gateway.registry import new_session
 from caspian.gateway.session import (
     Action,
     Send,
@@ -41,6 +42,7 @@ from caspian.gateway.session import (
     protocol_error,
 )
 from caspian.metrics import STREAM_CLOSES, STREAM_CONNECTIONS
+from caspian.store import SessionInfo
 from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class StreamConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._session: Session | None = None
+        self._registration: SessionInfo | None = None
         self._early: list[bytes] = []
         self._fragments: list[bytes] = []
         self._out: list[bytes] = []
@@ -211,6 +214,10 @@ class StreamConnection(asyncio.Protocol):
             self._gateway.settings.limits,
             self._gateway.resolve,
             check.principal,
+        )
+        assert self._transport is not None
+        self._registration = new_session(
+            check.user, check.principal, self._transport.get_extra_info("peername")
         )
         self._schedule_expiry()
         early, self._early = self._early, []
@@ -342,6 +349,11 @@ class StreamConnection(asyncio.Protocol):
         """The key or user behind this connection's token; None before authentication."""
         session = self._session
         return session.principal if session is not None and not self._closing else None
+
+    @property
+    def registration(self) -> SessionInfo | None:
+        """This session in the cluster's registry; None before authentication and once closing."""
+        return self._registration if not self._closing else None
 
     def entitle(self, exchanges: frozenset[str] | None) -> None:
         """New entitlements; they apply to the Subscribes that follow."""

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from caspian.auth.tokens import TokenClaims, TokenExpired, TokenService
 from caspian.codes import CloseCode, TokenRefreshCode
 from caspian.gateway.hub import Hub
+from caspian.gateway.registry import Lost, Registry
 from caspian.gateway.session import Resolver, SessionLimits, TokenCheck
+from caspian.store import GatewaySync, SessionInfo
 
 if TYPE_CHECKING:
     from caspian.gateway.connection import StreamConnection
@@ -22,12 +24,16 @@ log = logging.getLogger(__name__)
 #: Looks up who a token speaks for: ``(kind, subject)`` -> ``(user, exchanges)``,
 #: None when the key was revoked or the user is gone. Raises when the store is down.
 PrincipalLookup = Callable[[str, str], Awaitable[tuple[str, frozenset[str] | None] | None]]
+#: Syncs this gateway's sessions with the cluster's registry: ``(opened, closed)`` -> the
+#: store's answer (``Store.sync_gateway``). Raises when the store is down.
+SessionSync = Callable[[list[SessionInfo], list[str]], Awaitable[GatewaySync]]
 
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
     heartbeat_s: float
-    #: How often live sessions' keys and users are checked again (revocations).
+    #: How often live sessions' keys and users are checked again (revocations), and the
+    #: session registry synced.
     recheck_s: float
     max_queue: int
     max_message_bytes: int
@@ -43,10 +49,13 @@ class Gateway:
         resolve: Resolver,
         settings: StreamSettings,
         in_maintenance: Callable[[], float],
+        sync_sessions: SessionSync,
     ) -> None:
         self.hub = hub
         self.tokens = tokens
         self._principal = principal
+        self._sync_sessions = sync_sessions
+        self._registry = Registry()
         self.resolve = resolve
         self.settings = settings
         #: Seconds left of the maintenance window now; 0 outside it.
@@ -107,32 +116,67 @@ class Gateway:
         ]
 
     async def _recheck(self) -> None:
+        """Every ``recheck_s``: re-check keys and users, then sync the session registry."""
+        while True:
+            await asyncio.sleep(self.settings.recheck_s)
+            try:
+                await self._recheck_principals()
+                # After the re-check, so that streams it closed leave the registry now.
+                purged = (await self._sync_registry()).purged
+                if purged:
+                    log.warning(
+                        "this gateway had been purged from the session registry as stale: "
+                        "registering its %d sessions again",
+                        len(purged),
+                    )
+                    await self._sync_registry()
+            except Exception as exc:
+                # The store is away: keep every session, look again next round.
+                log.warning("could not re-check stream sessions: %s", exc)
+
+    async def _recheck_principals(self) -> None:
         """Close the sessions of revoked keys (3001); keep entitlements current.
 
         A revoked key is refused at connection and at TokenRefresh, but a
         session opened before would otherwise live until its token expires.
         One store query per distinct key or user, however many connections.
         """
-        while True:
-            await asyncio.sleep(self.settings.recheck_s)
-            by_principal: dict[tuple[str, str], list[StreamConnection]] = {}
-            for connection in list(self.connections):
-                principal = connection.principal
-                if principal is not None:
-                    by_principal.setdefault(principal, []).append(connection)
-            for (kind, subject), connections in by_principal.items():
-                try:
-                    found = await self._principal(kind, subject)
-                except Exception as exc:
-                    # The store is away: keep the sessions, look again next round.
-                    log.warning("could not re-check stream sessions: %s", exc)
-                    break
-                for connection in connections:
-                    if found is None:
-                        log.info("closing a stream of revoked %s %s", kind, subject)
-                        connection.close(CloseCode.TOKEN_INVALID)
-                    else:
-                        connection.entitle(found[1])
+        by_principal: dict[tuple[str, str], list[StreamConnection]] = {}
+        for connection in list(self.connections):
+            principal = connection.principal
+            if principal is not None:
+                by_principal.setdefault(principal, []).append(connection)
+        for (kind, subject), connections in by_principal.items():
+            found = await self._principal(kind, subject)
+            for connection in connections:
+                if found is None:
+                    log.info("closing a stream of revoked %s %s", kind, subject)
+                    connection.close(CloseCode.TOKEN_INVALID)
+                else:
+                    connection.entitle(found[1])
+
+    async def _sync_registry(self) -> Lost:
+        """Report opened and closed sessions; close those ended on the server (3003)."""
+        open_now: dict[str, tuple[SessionInfo, StreamConnection]] = {}
+        for connection in list(self.connections):
+            info = connection.registration
+            if info is not None:
+                open_now[info.id] = (info, connection)
+        sent = self._registry.changes({key: info for key, (info, _) in open_now.items()})
+        lost = self._registry.synced(sent, await self._sync_sessions(sent.opened, sent.closed))
+        for key in lost.ended:
+            info, connection = open_now[key]
+            # It may have closed by itself while the store answered.
+            if connection.registration is not None:
+                log.info(
+                    "closing stream session %s of %s (key %s) from %s: ended on the server",
+                    key,
+                    info.user,
+                    info.key_id or "none",
+                    info.peer,
+                )
+                connection.close(CloseCode.SESSION_NOT_FOUND)
+        return lost
 
     async def _beat(self) -> None:
         """One timer for every connection: cheaper than a task per connection."""

@@ -1,13 +1,18 @@
-"""The database: users, API keys, exchanges and products (see ``store.Store``)."""
+"""The database: users, API keys, exchanges, products and open stream sessions (see
+``store.Store``)."""
 
 from caspian.store.store import (
     KEY,
     USER,
     AlreadyExists,
+    GatewayInfo,
+    GatewaySync,
     KeyInfo,
     NotFound,
     Principal,
     ProductRecord,
+    RegisteredSession,
+    SessionInfo,
     Store,
     StoreError,
     StoreUnavailable,
@@ -18,10 +23,14 @@ __all__ = [
     "KEY",
     "USER",
     "AlreadyExists",
+    "GatewayInfo",
+    "GatewaySync",
     "KeyInfo",
     "NotFound",
     "Principal",
     "ProductRecord",
+    "RegisteredSession",
+    "SessionInfo",
     "Store",
     "StoreError",
     "StoreUnavailable",

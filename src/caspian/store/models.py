@@ -34,6 +34,8 @@ USER_NAME_LENGTH = 64
 KEY_ID_LENGTH = 20
 EXCHANGE_CODE_LENGTH = 32
 PRODUCT_CODE_LENGTH = 128
+#: Gateway and stream session ids: 8 random bytes in hex.
+REGISTRY_ID_LENGTH = 16
 
 
 class Base(DeclarativeBase):
@@ -105,3 +107,40 @@ class Product(Base):
     underlying_caspian_code: Mapped[str | None] = mapped_column(Text)
     created_time: Mapped[datetime] = mapped_column(DateTime)
     updated_time: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Gateway(Base):
+    """A running gateway process, in the cluster's registry of stream sessions.
+
+    ``seen_time`` is renewed by each of its syncs; a row not renewed for long is a gateway
+    that died without saying so, purged by the others along with its sessions.
+    """
+
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(REGISTRY_ID_LENGTH), primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_time: Mapped[datetime] = mapped_column(DateTime)
+    seen_time: Mapped[datetime] = mapped_column(DateTime)
+
+
+class StreamSession(Base):
+    """An open stream connection, as its gateway last reported it.
+
+    Deleting the row ends the session: its gateway closes it (3003) at its next sync.
+    """
+
+    __tablename__ = "stream_sessions"
+
+    id: Mapped[str] = mapped_column(String(REGISTRY_ID_LENGTH), primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), index=True
+    )
+    # Not foreign keys: the registry records who connected, it does not own users or keys.
+    user_name: Mapped[str] = mapped_column(String(USER_NAME_LENGTH))
+    #: NULL for a session opened with a Credential login's token.
+    key_id: Mapped[str | None] = mapped_column(String(KEY_ID_LENGTH))
+    #: The client's address, ``ip:port``.
+    peer: Mapped[str] = mapped_column(Text)
+    opened_time: Mapped[datetime] = mapped_column(DateTime)

@@ -1,4 +1,5 @@
-"""The service's database: users, their API keys and the reference data, on SQLite or PostgreSQL.
+"""The service's database, on SQLite or PostgreSQL: users, their API keys, the reference data,
+and the cluster's registry of open stream sessions.
 
 Secrets and passwords are kept only as argon2id hashes. Any failure to reach or use the
 database comes out of a ``Store`` method as ``StoreUnavailable``, and the store needs no
@@ -16,7 +17,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, event, exists, select
+from sqlalchemy import delete, event, exists, insert, select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import (
     DataError,
@@ -49,7 +50,9 @@ from caspian.store.models import (
     ApiKey,
     Entitlement,
     Exchange,
+    Gateway,
     Product,
+    StreamSession,
     User,
 )
 from caspian.timefmt import format_dt, now_us, us_to_dt
@@ -75,6 +78,9 @@ _WRITE = "caspian_write"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _HASHER = PasswordHasher()
 _SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
+#: Ids per statement when deleting sessions: far below every back end's limit of bound
+#: parameters, however many connections a gateway lost between two syncs.
+_IDS_PER_STATEMENT = 1000
 
 
 class StoreError(Exception):
@@ -117,6 +123,46 @@ class Principal:
 
     user: str
     exchanges: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayInfo:
+    """A running gateway process, as the session registry knows it."""
+
+    id: str
+    host: str
+    pid: int
+    started_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """An open stream session, as the session registry knows it."""
+
+    id: str
+    user: str
+    #: The key whose token opened the session; None for a Credential login's token.
+    key_id: str | None
+    #: The client's address, ``ip:port``.
+    peer: str
+    opened_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySync:
+    """The store's answer to a gateway's ``sync_gateway``."""
+
+    #: The gateway's row was missing: purged as stale by another instance, and with it
+    #: every session the gateway had registered.
+    rejoined: bool
+    #: The gateway's sessions the registry holds now.
+    sessions: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredSession:
+    session: SessionInfo
+    gateway: GatewayInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +268,16 @@ def _user_info(user: User, exchanges: Iterable[str]) -> UserInfo:
 def _product_record(row: Product) -> ProductRecord:
     spec = ProductSpec(**{name: getattr(row, name) for name in _SPEC_FIELDS})
     return ProductRecord(spec=spec, created_time=row.created_time, updated_time=row.updated_time)
+
+
+def _gateway_info(row: Gateway) -> GatewayInfo:
+    return GatewayInfo(id=row.id, host=row.host, pid=row.pid, started_time=row.started_time)
+
+
+def _session_info(row: StreamSession) -> SessionInfo:
+    return SessionInfo(
+        id=row.id, user=row.user_name, key_id=row.key_id, peer=row.peer, opened_time=row.opened_time
+    )
 
 
 async def _find_user(session: AsyncSession, name: str) -> User | None:
@@ -454,6 +510,116 @@ class Store:
             if user.all_exchanges:
                 return Principal(user=user.name, exchanges=None)
             return Principal(user=user.name, exchanges=frozenset(await _entitled(session, user.id)))
+
+    # Registry of open stream sessions
+
+    async def sync_gateway(
+        self,
+        gateway: GatewayInfo,
+        opened: Iterable[SessionInfo],
+        closed: Iterable[str],
+        stale_after_s: float,
+    ) -> GatewaySync:
+        """Renew the gateway's registration and bring its sessions up to date, in one go.
+
+        Marks the gateway seen now (registering it again if its row is gone), deletes its
+        ``closed`` sessions, adds its ``opened`` ones, and purges every other gateway not
+        seen for ``stale_after_s``, with its sessions. Adding a session already held is not
+        an error: a sync whose commit the gateway could not confirm is simply sent again.
+        """
+        now = _now()
+        async with self._session(write=True) as session:
+            # Locked first, so that another gateway purging this one either finishes
+            # before (the row is then gone) or skips it.
+            row = await session.get(Gateway, gateway.id, with_for_update=True)
+            if row is None:
+                session.add(
+                    Gateway(
+                        id=gateway.id,
+                        host=gateway.host,
+                        pid=gateway.pid,
+                        started_time=gateway.started_time,
+                        seen_time=now,
+                    )
+                )
+                await session.flush()
+            else:
+                row.seen_time = now
+            # A locked row is a gateway syncing right now, so alive: skipping it rather
+            # than waiting keeps two gateways back from an outage, each purging the other,
+            # from deadlocking. SQLite locks the whole database instead and ignores this.
+            stale = list(
+                await session.scalars(
+                    select(Gateway.id)
+                    .where(
+                        Gateway.id != gateway.id,
+                        Gateway.seen_time < now - timedelta(seconds=stale_after_s),
+                    )
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if stale:
+                # The database's ON DELETE CASCADE takes their sessions.
+                await session.execute(delete(Gateway).where(Gateway.id.in_(stale)))
+            gone = list(closed)
+            for start in range(0, len(gone), _IDS_PER_STATEMENT):
+                await session.execute(
+                    delete(StreamSession).where(
+                        StreamSession.gateway_id == gateway.id,
+                        StreamSession.id.in_(gone[start : start + _IDS_PER_STATEMENT]),
+                    )
+                )
+            held = set(
+                await session.scalars(
+                    select(StreamSession.id).where(StreamSession.gateway_id == gateway.id)
+                )
+            )
+            # One executemany, not ORM objects: after a mass reconnect this can be
+            # thousands of rows, built on the event loop's thread.
+            new_rows = [
+                {
+                    "id": info.id,
+                    "gateway_id": gateway.id,
+                    "user_name": info.user,
+                    "key_id": info.key_id,
+                    "peer": info.peer,
+                    "opened_time": info.opened_time,
+                }
+                for info in {info.id: info for info in opened if info.id not in held}.values()
+            ]
+            if new_rows:
+                await session.execute(insert(StreamSession), new_rows)
+                held.update(row["id"] for row in new_rows)
+        return GatewaySync(rejoined=row is None, sessions=frozenset(held))
+
+    async def remove_gateway(self, gateway_id: str) -> None:
+        """Take a gateway out of the registry, with its sessions: it is shutting down."""
+        async with self._session(write=True) as session:
+            await session.execute(delete(Gateway).where(Gateway.id == gateway_id))
+
+    async def list_sessions(self, stale_after_s: float) -> list[RegisteredSession]:
+        """The sessions of every gateway seen within ``stale_after_s``, oldest first."""
+        cutoff = _now() - timedelta(seconds=stale_after_s)
+        async with self._session() as session:
+            rows = await session.execute(
+                select(StreamSession, Gateway)
+                .join(Gateway, StreamSession.gateway_id == Gateway.id)
+                .where(Gateway.seen_time >= cutoff)
+                .order_by(StreamSession.opened_time, StreamSession.id)
+            )
+            return [
+                RegisteredSession(_session_info(stream), _gateway_info(gateway))
+                for stream, gateway in rows
+            ]
+
+    async def end_session(self, session_id: str) -> bool:
+        """End a session: its gateway closes it at its next sync. False if there is none."""
+        async with self._session(write=True) as session:
+            row = await session.get(StreamSession, session_id)
+            if row is None:
+                return False
+            await session.delete(row)
+            return True
 
     # Reference data
 
