@@ -478,6 +478,77 @@ async def test_slow_client_is_closed_3007_and_others_continue(tmp_path: Path) ->
         running.stop()
 
 
+async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> None:
+    """Writes the socket took only in part, then the transport's buffer and the
+    backlog, reach the client whole and in order once it reads again."""
+    running = start_service(tmp_path, max_queue=1_000_000, simulator_rate=100.0)
+    try:
+        token = await asyncio.to_thread(running.token)
+        service = running.listening.service
+        symbols = [p.caspian_code for p in list(service.catalog)[:8]]
+        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
+        import socket
+
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((host, int(port)))
+        raw.setblocking(False)
+        # The client's small message queue makes it stop reading the socket
+        # while the test does not call recv.
+        c = await StreamClient.open(running.stream_url, token, sock=raw, max_queue=4)
+        request_ids = {
+            await c.send(
+                "Subscribe",
+                {"symbol": symbol, "type": "Level2", "numberOfLevels": 100, "conflation": "None"},
+            ): symbol
+            for symbol in symbols
+        }
+
+        def held_back() -> bool:
+            return any(
+                connection._paused and connection._backlog
+                for connection in service.gateway.connections
+            )
+
+        for _ in range(600):
+            if held_back():
+                break
+            await asyncio.sleep(0.05)
+        assert held_back(), "the server never had to hold messages back"
+        books: dict[str, dict[tuple[str, float], float]] = {s: {} for s in symbols}
+        subscribed = 0
+
+        def apply(message: dict[str, Any]) -> None:
+            nonlocal subscribed
+            if message["type"] == "SubscribeResponse":
+                assert message["payload"]["code"] == 200, message
+                subscribed += 1
+            elif message["type"] == "Level2":
+                apply_level2(books[request_ids[message["requestId"]]], message)
+
+        for _ in range(200):
+            apply(await c.recv())
+        for symbol in symbols:
+            running.loop.call_soon_threadsafe(service.source.unwatch, symbol)
+        while True:
+            try:
+                apply(await c.recv(1.0))
+            except TimeoutError:
+                break
+        assert subscribed == len(symbols)
+
+        async def server_views() -> dict[str, Any]:
+            return {symbol: service.hub.symbols[symbol].book.top(100) for symbol in symbols}
+
+        views = await asyncio.to_thread(running.call, server_views())
+        for symbol, view in views.items():
+            expected = {("bid", p): s for p, s in view.bids} | {("ask", p): s for p, s in view.asks}
+            assert books[symbol] == expected, symbol
+        await c.close()
+    finally:
+        running.stop()
+
+
 async def test_maintenance_closes_1001_and_refuses(tmp_path: Path) -> None:
     running = start_service(tmp_path)
     try:
