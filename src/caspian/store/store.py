@@ -576,20 +576,23 @@ class Store:
             )
             # One executemany, not ORM objects: after a mass reconnect this can be
             # thousands of rows, built on the event loop's thread.
-            new_rows = [
-                {
-                    "id": info.id,
-                    "gateway_id": gateway.id,
-                    "user_name": info.user,
-                    "key_id": info.key_id,
-                    "peer": info.peer,
-                    "opened_time": info.opened_time,
-                }
-                for info in {info.id: info for info in opened if info.id not in held}.values()
-            ]
-            if new_rows:
-                await session.execute(insert(StreamSession), new_rows)
-                held.update(row["id"] for row in new_rows)
+            fresh = {info.id: info for info in opened if info.id not in held}
+            if fresh:
+                await session.execute(
+                    insert(StreamSession),
+                    [
+                        {
+                            "id": info.id,
+                            "gateway_id": gateway.id,
+                            "user_name": info.user,
+                            "key_id": info.key_id,
+                            "peer": info.peer,
+                            "opened_time": info.opened_time,
+                        }
+                        for info in fresh.values()
+                    ],
+                )
+                held.update(fresh)
         return GatewaySync(rejoined=row is None, sessions=frozenset(held))
 
     async def remove_gateway(self, gateway_id: str) -> None:
