@@ -111,7 +111,7 @@ def test_expired_token() -> None:
     [
         pytest.param(jwt.encode(valid_claims(), OTHER_SECRET, algorithm="HS256"), id="secret"),
         pytest.param(jwt.encode(valid_claims(), SECRET, algorithm="HS512"), id="HS512"),
-        pytest.param(jwt.encode(valid_claims(), None, algorithm="none"), id="alg-none"),
+        pytest.param(jwt.encode(valid_claims(), "", algorithm="none"), id="alg-none"),
         pytest.param(jwt.encode(valid_claims(iss="Someone"), SECRET), id="issuer"),
         pytest.param(jwt.encode(valid_claims(sub=None), SECRET), id="no-sub"),
         pytest.param(jwt.encode(valid_claims(iss=None), SECRET), id="no-iss"),

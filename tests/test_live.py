@@ -394,7 +394,7 @@ async def test_untrustworthy_book_is_rebuilt_not_served(venue: Venue) -> None:
             await mock.update(asks=[(101.5, 6.0)])
         else:
             # A corrupt message: a bid above the best ask.
-            await mock.send_changes(bids=[(100.5, 1.0)])  # type: ignore[attr-defined]
+            await mock.send_changes(bids=[(100.5, 1.0)])
         await until(lambda: c.states[Stream.DEPTH] is StreamState.DISCONNECTED)
         await mock.wait_subscribes(venue.book_channel, 2)
         await until(lambda: synced(c, mock) and c.all(StreamState.CONNECTED))

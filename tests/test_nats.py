@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from caspian.bus.nats import NatsBus, symbol_token
+from caspian.events import BookEvent
 from caspian.settings import Settings
 from tests.support.client import StreamClient, apply_level2
 from tests.support.nats import NatsServer
@@ -53,9 +54,9 @@ def source_book(running: RunningService, symbol: str, levels: int) -> dict[Any, 
         assert side is not None
         book: dict[Any, float] = {}
         for event in side._tracker.catch_up(symbol):
-            if getattr(event, "snapshot", False):
-                bids = sorted(event.bids, reverse=True)[:levels]  # type: ignore[attr-defined]
-                asks = sorted(event.asks)[:levels]  # type: ignore[attr-defined]
+            if isinstance(event, BookEvent) and event.snapshot:
+                bids = sorted(event.bids, reverse=True)[:levels]
+                asks = sorted(event.asks)[:levels]
                 book = {("bid", p): s for p, s in bids} | {("ask", p): s for p, s in asks}
         return book
 

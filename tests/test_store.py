@@ -319,12 +319,12 @@ async def test_sync_adds_and_removes_a_gateways_sessions(store: Store) -> None:
     assert (await store.sync_gateway(b, [stream("s3")], [], STALE_S)).sessions == {"s3"}
 
     again = await store.sync_gateway(a, [stream("s4")], ["s2"], STALE_S)
-    assert (again.rejoined, again.sessions) == (False, {"s1", "s4"})
+    assert (again.rejoined, again.sessions) == (False, frozenset({"s1", "s4"}))
     # Nothing to report still renews the gateway and answers what it holds; a session
     # sent twice (a sync whose commit went unconfirmed) and an unknown close are harmless,
     # and one gateway cannot close another's session.
     quiet = await store.sync_gateway(a, [one], ["s2", "nope", "s3"], STALE_S)
-    assert (quiet.rejoined, quiet.sessions) == (False, {"s1", "s4"})
+    assert (quiet.rejoined, quiet.sessions) == (False, frozenset({"s1", "s4"}))
 
     listed = await store.list_sessions(STALE_S)
     assert [(row.session.id, row.gateway.id) for row in listed] == [
@@ -344,7 +344,7 @@ async def test_ending_a_session_drops_it_from_its_gateways_next_sync(store: Stor
     assert await store.end_session("s1") is False
     assert await store.end_session("nope") is False
     answer = await store.sync_gateway(a, [], [], STALE_S)
-    assert (answer.rejoined, answer.sessions) == (False, {"s2"})
+    assert (answer.rejoined, answer.sessions) == (False, frozenset({"s2"}))
     assert [row.session.id for row in await store.list_sessions(STALE_S)] == ["s2"]
 
 
@@ -373,9 +373,9 @@ async def test_stale_gateways_are_purged_with_their_sessions(store: Store, store
     # a was alive after all (a long store outage, say): it learns it was purged, and
     # registers again what it sends.
     back = await store.sync_gateway(a, [stream("a3")], [], STALE_S)
-    assert (back.rejoined, back.sessions) == (True, {"a3"})
+    assert (back.rejoined, back.sessions) == (True, frozenset({"a3"}))
     back = await store.sync_gateway(a, [stream("a1"), stream("a2")], [], STALE_S)
-    assert (back.rejoined, back.sessions) == (False, {"a1", "a2", "a3"})
+    assert (back.rejoined, back.sessions) == (False, frozenset({"a1", "a2", "a3"}))
 
 
 async def test_a_gateway_leaving_takes_its_sessions(store: Store, store_url: str) -> None:

@@ -231,7 +231,9 @@ async def test_level2_book_matches_the_server(service: RunningService) -> None:
     assert len(first_full["payload"]) == 14
     # Stop the market for this symbol, drain, then compare with the server's view.
     hub = service.listening.service.hub
-    service.loop.call_soon_threadsafe(service.listening.service.source.unwatch, symbol)
+    source = service.listening.service.source
+    assert source is not None
+    service.loop.call_soon_threadsafe(source.unwatch, symbol)
     await asyncio.sleep(0.5)
     while True:
         try:
@@ -528,8 +530,10 @@ async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> No
 
         for _ in range(200):
             apply(await c.recv())
+        source = service.source
+        assert source is not None
         for symbol in symbols:
-            running.loop.call_soon_threadsafe(service.source.unwatch, symbol)
+            running.loop.call_soon_threadsafe(source.unwatch, symbol)
         while True:
             try:
                 apply(await c.recv(1.0))
@@ -574,7 +578,7 @@ async def test_store_failure_during_authentication_closes_3004(tmp_path: Path) -
         async def broken(kind: str, subject: str) -> Any:
             raise RuntimeError("store exploded")
 
-        gateway._principal = broken  # type: ignore[method-assign]
+        gateway._principal = broken
         c = await StreamClient.open(running.stream_url, token)
         assert await c.closed_with() == 3004
     finally:

@@ -31,7 +31,7 @@ def caspian(
 
 
 def ok(data_dir: Path, *args: str, stdin: str | None = None, **env: str) -> str:
-    result = caspian(data_dir, *args, stdin=stdin, **env)
+    result = caspian(data_dir, *args, stdin=stdin, timeout=60, **env)
     assert result.returncode == 0, (args, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     return result.stdout
