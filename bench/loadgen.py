@@ -8,6 +8,12 @@ latency). Connections are spread over worker processes driven through pipes
 by the benchmark script, which reads the server's CPU time and memory from
 ``/proc`` around the same windows.
 
+A few connections can be probes: they read their socket with ``recvmsg`` and
+the kernel's receive timestamp (``SO_TIMESTAMPNS``), which tells when a
+message reached the client machine's network stack, however late the client
+process got round to reading it. Their latency is kept apart ("arrival");
+that of the others is taken when the client process reads ("read").
+
 Both servers send every message as one frame, so text frames are messages.
 """
 
@@ -23,6 +29,8 @@ import platform
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,11 @@ from caspian.timefmt import parse_us
 BENCH_DIR = Path(__file__).resolve().parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _OPEN_CONCURRENCY = 100
+#: Linux's ``SO_TIMESTAMPNS`` (also its control-message type); Python does not name it.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_RECV_BYTES = 1 << 18
 
 
 # -- process set-up ------------------------------------------------------------
@@ -301,6 +314,8 @@ class _Stats:
     next_sample: int = 0
     sample_every: int = 0  # 0: not sampling
     latencies_us: list[int] = field(default_factory=list)
+    #: Probes' latencies to the kernel's receive timestamp.
+    arrivals_us: list[int] = field(default_factory=list)
     sampled_types: dict[str, int] = field(default_factory=dict)
     closes: dict[int, int] = field(default_factory=dict)
     lost: int = 0
@@ -338,6 +353,9 @@ def _sent_at_us(message: dict[str, Any]) -> int | None:
 
 
 class _Client(asyncio.Protocol):
+    #: Probes stamp what they read with the kernel's receive time.
+    probe = False
+
     def __init__(
         self, stats: _Stats, request: bytes, subscribes: list[bytes], ready: asyncio.Future[bool]
     ) -> None:
@@ -369,7 +387,10 @@ class _Client(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        now_us = time.time_ns() // 1000
+        self._receive(data, time.time_ns() // 1000)
+
+    def _receive(self, data: bytes, now_us: int) -> None:
+        """Walk the frames of ``data``, which the client got at ``now_us``."""
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
@@ -415,8 +436,12 @@ class _Client(asyncio.Protocol):
                 if self._pending:
                     self._subscribed(data[start:stop])
                 elif count == due:
-                    self._sample(data[start:stop], now_us)
+                    # The worker's connections share one sampling sequence; a sample
+                    # that falls on a probe measures arrival instead of reading.
+                    stats.next_sample += stats.sample_every
                     due = stats.next_sample - stats.frames
+                    into = stats.arrivals_us if self.probe else stats.latencies_us
+                    self._record(data[start:stop], now_us, into)
             elif opcode == 9:
                 assert self._transport is not None
                 self._transport.write(_mask(0xA, data[start:stop]))
@@ -431,15 +456,14 @@ class _Client(asyncio.Protocol):
         if pos < end:
             self._buffer = data[pos:]
 
-    def _sample(self, payload: bytes, now_us: int) -> None:
-        stats = self._stats
-        stats.next_sample += stats.sample_every
+    def _record(self, payload: bytes, now_us: int, into: list[int]) -> None:
         message = orjson.loads(payload)
         sent = _sent_at_us(message)
         if sent is not None:
-            stats.latencies_us.append(now_us - sent)
+            into.append(now_us - sent)
             kind = str(message.get("type"))
-            stats.sampled_types[kind] = stats.sampled_types.get(kind, 0) + 1
+            types = self._stats.sampled_types
+            types[kind] = types.get(kind, 0) + 1
 
     def _subscribed(self, payload: bytes) -> None:
         message = orjson.loads(payload)
@@ -458,6 +482,61 @@ class _Client(asyncio.Protocol):
         if not self._ready.done():
             self._ready.set_result(False)
         self.close()
+
+
+class _Probe(_Client):
+    """A client on a raw socket, read with ``recvmsg`` for the kernel's receive time.
+
+    It is its own transport: the little it writes (handshake, Subscribes,
+    pongs) goes straight to the socket.
+    """
+
+    probe = True
+
+    def attach(self, sock: socket.socket) -> None:
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self.connection_made(cast(asyncio.Transport, self))
+
+    def write(self, data: bytes) -> None:
+        # Small writes on an idle socket: the send buffer takes them whole.
+        self._sock.sendall(data)
+
+    def abort(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+        self.connection_lost(None)
+
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(_RECV_BYTES, _CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.abort()
+            return
+        stamp = time.time_ns() // 1000
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                stamp = seconds * 1_000_000 + nanoseconds // 1000
+        self._receive(data, stamp)
+
+
+async def _connect_probe(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _upgrade_request(url: str) -> tuple[str, int, bytes]:
@@ -511,13 +590,15 @@ class _Worker:
             assert self._done is not None
             self._done.set_result(None)
 
-    async def _open(self, url: str, count: int, subscriptions: list[dict[str, Any]]) -> None:
+    async def _open(
+        self, url: str, count: int, subscriptions: list[dict[str, Any]], probe_every: int
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._stats.subscribe_errors = {}
         gate = asyncio.Semaphore(_OPEN_CONCURRENCY)
         began = time.monotonic()
 
-        async def one() -> bool:
+        async def one(index: int) -> bool:
             async with gate:
                 host, port, request = _upgrade_request(url)
                 subscribes = [
@@ -530,10 +611,17 @@ class _Worker:
                     for sub in subscriptions
                 ]
                 ready: asyncio.Future[bool] = loop.create_future()
+                client: _Client
                 try:
-                    _, client = await loop.create_connection(
-                        lambda: _Client(self._stats, request, subscribes, ready), host, port
-                    )
+                    if probe_every and index % probe_every == 0:
+                        sock = await _connect_probe(host, port)
+                        probe = _Probe(self._stats, request, subscribes, ready)
+                        probe.attach(sock)
+                        client = probe
+                    else:
+                        _, client = await loop.create_connection(
+                            lambda: _Client(self._stats, request, subscribes, ready), host, port
+                        )
                 except OSError as exc:
                     errors = self._stats.subscribe_errors
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
@@ -544,7 +632,7 @@ class _Worker:
                 except TimeoutError:
                     return False
 
-        results = await asyncio.gather(*(one() for _ in range(count)))
+        results = await asyncio.gather(*(one(index) for index in range(count)))
         os.set_blocking(self._pipe.fileno(), True)
         self._pipe.send(
             {
@@ -558,6 +646,7 @@ class _Worker:
         stats = self._stats
         stats.frames = stats.bytes = stats.lost = 0
         stats.latencies_us = []
+        stats.arrivals_us = []
         stats.sampled_types = {}
         stats.closes = {}
         stats.sample_every = sample_every
@@ -574,6 +663,7 @@ class _Worker:
             "frames": stats.frames,
             "bytes": stats.bytes,
             "latencies_us": stats.latencies_us,
+            "arrivals_us": stats.arrivals_us,
             "sampled_types": stats.sampled_types,
             "closes": stats.closes,
             "lost": stats.lost,
@@ -594,11 +684,10 @@ def _worker_main(pipe: Connection, placement: Placement) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
-    runner(_Worker(pipe).run())
+        asyncio.run(_Worker(pipe).run())
+    else:
+        uvloop.run(_Worker(pipe).run())
 
 
 @dataclass
@@ -609,6 +698,8 @@ class Window:
     bytes: int
     seconds: float
     latencies_us: list[int]
+    #: Of the probes, to the kernel's receive time.
+    arrivals_us: list[int]
     sampled_types: dict[str, int]
     closes: dict[int, int]
     lost: int
@@ -639,14 +730,22 @@ class ClientPool:
         return answers
 
     def open(
-        self, url: str, count: int, subscriptions: list[dict[str, Any]], timeout: float = 300
+        self,
+        url: str,
+        count: int,
+        subscriptions: list[dict[str, Any]],
+        probe_every: int = 0,
+        timeout: float = 300,
     ) -> dict[str, Any]:
-        """Open ``count`` connections, each sending ``subscriptions``; wait for every answer."""
+        """Open ``count`` connections, each sending ``subscriptions``; wait for every answer.
+
+        One in ``probe_every`` of each worker's connections is a probe (0: none).
+        """
         shares = [count // len(self._pipes)] * len(self._pipes)
         for index in range(count % len(self._pipes)):
             shares[index] += 1
         for pipe, share in zip(self._pipes, shares, strict=True):
-            pipe.send(("open", url, share, subscriptions))
+            pipe.send(("open", url, share, subscriptions, probe_every))
         answers = self._gather(timeout)
         errors: dict[str, int] = {}
         for answer in answers:
@@ -678,6 +777,7 @@ class ClientPool:
             bytes=sum(answer["bytes"] for answer in answers),
             seconds=max(answer["seconds"] for answer in answers),
             latencies_us=[value for answer in answers for value in answer["latencies_us"]],
+            arrivals_us=[value for answer in answers for value in answer["arrivals_us"]],
             sampled_types=types,
             closes=closes,
             lost=sum(answer["lost"] for answer in answers),
@@ -745,10 +845,16 @@ class BenchSetup:
     def naive(self, rate: float) -> Server:
         return start_naive(self.products, rate, SEED, self.server_place, self.work)
 
-    def open(self, server: Server, count: int, subscriptions: list[dict[str, Any]]) -> float:
-        """Open ``count`` subscribed connections; the seconds it took."""
+    def open(
+        self,
+        server: Server,
+        count: int,
+        subscriptions: list[dict[str, Any]],
+        probe_every: int = 0,
+    ) -> float:
+        """Open ``count`` subscribed connections, one in ``probe_every`` a probe; seconds taken."""
         url = f"{server.stream_url}?accessToken={self.token}"
-        opened = self.pool.open(url, count, subscriptions)
+        opened = self.pool.open(url, count, subscriptions, probe_every)
         if opened["opened"] != count:
             raise RuntimeError(
                 f"{server.name}: only {opened['opened']} of {count} connections "
