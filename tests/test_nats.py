@@ -16,6 +16,7 @@ from caspian.events import BookEvent
 from caspian.settings import Settings
 from tests.support.client import StreamClient, apply_level2
 from tests.support.nats import NatsServer
+from tests.support.ports import free_port
 from tests.support.service import RunningService, start_service
 
 SYMBOL = "FX-BTC/USD=GEMINI"
@@ -178,6 +179,33 @@ async def test_nats_outage_is_visible_and_recovers(
     await asyncio.to_thread(nats_server.start)
     await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
     await client.close()
+
+
+async def test_instances_on_one_host_share_a_port(nats_server: NatsServer, tmp_path: Path) -> None:
+    """One source instance and one gateway-only instance on the same port: the
+    kernel spreads the connections over both, and every client is served."""
+    port = free_port()
+    shared = {"port": port, "reuse_port": True, "bus": nats_server.url}
+    # One store and one signing key (the same data directory), so a token works on both.
+    source = start_service(tmp_path, simulator_rate=40.0, **shared)
+    gateway = start_service(tmp_path, source="none", **shared)
+    try:
+        assert source.stream_url == gateway.stream_url
+        token = await asyncio.to_thread(source.token)
+        clients = [await StreamClient.open(source.stream_url, token) for _ in range(24)]
+        for client in clients:
+            await client.subscribe(SYMBOL, conflation="None")
+        for running in (source, gateway):
+            assert running.listening.service.gateway.connections, "one instance got none"
+        for client in clients:
+            update = await client.wait_for(
+                lambda m: m["type"] == "Level1" and "bid" in m["payload"]
+            )
+            assert update["payload"]["bid"] < update["payload"]["ask"]
+            await client.close()
+    finally:
+        gateway.stop()
+        source.stop()
 
 
 def test_a_gateway_without_source_needs_nats(tmp_path: Path) -> None:

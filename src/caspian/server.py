@@ -21,9 +21,9 @@ class Listening:
     service: Service
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -31,7 +31,7 @@ def _bind(host: str, port: int) -> socket.socket:
 async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None = None) -> None:
     """Start everything, call ``on_ready`` once clients can connect, run until stopped."""
     service = Service(settings)
-    sock = _bind(settings.host, settings.port)
+    sock = _bind(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()
         config = uvicorn.Config(

