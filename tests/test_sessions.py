@@ -109,6 +109,17 @@ def registered(running: RunningService) -> Callable[[], dict[str, RegisteredSess
     return read
 
 
+async def both_registered(
+    running: RunningService,
+) -> tuple[StreamClient, StreamClient, Callable[[], dict[str, RegisteredSession]], Any]:
+    """``two_clients``' streams once both are in the registry: the clients, the
+    registry reader (see ``registered``) and what it read."""
+    alice, _, bob = await two_clients(running)
+    read = registered(running)
+    rows = await eventually(read, lambda rows: len(rows) == 2)
+    return alice, bob, read, rows
+
+
 async def test_sessions_are_listed_and_one_ended_closes_3003(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     running = start_service(data_dir, recheck_s=RECHECK_S)
@@ -154,9 +165,7 @@ async def test_a_gateway_purged_as_stale_registers_its_sessions_again(
 ) -> None:
     running = start_service(tmp_path / "data", recheck_s=RECHECK_S)
     try:
-        alice, _, bob = await two_clients(running)
-        read = registered(running)
-        before = await eventually(read, lambda rows: len(rows) == 2)
+        alice, bob, read, before = await both_registered(running)
         service = running.listening.service
         # Another instance whose limit of staleness this gateway has passed purges it.
         other = GatewayInfo("other-instance", "elsewhere", 1, datetime(2026, 1, 1))
@@ -188,9 +197,7 @@ async def test_failed_syncs_keep_every_session_open(
 ) -> None:
     running = start_service(tmp_path / "data", recheck_s=RECHECK_S)
     try:
-        alice, _, bob = await two_clients(running)
-        read = registered(running)
-        rows = await eventually(read, lambda rows: len(rows) == 2)
+        alice, bob, read, rows = await both_registered(running)
         gateway = running.listening.service.gateway
         working = gateway._sync_sessions
         failed = 0
@@ -225,9 +232,7 @@ async def test_a_store_outage_keeps_every_session_open(tmp_path: Path) -> None:
     with running_server() as server:
         running = start_service(tmp_path / "data", database_url=server.url, recheck_s=RECHECK_S)
         try:
-            alice, _, bob = await two_clients(running)
-            read = registered(running)
-            rows = await eventually(read, lambda rows: len(rows) == 2)
+            alice, bob, read, rows = await both_registered(running)
 
             await asyncio.to_thread(server.stop)
             # Several recheck rounds fail meanwhile.
