@@ -96,6 +96,30 @@ async def test_other_paths_are_not_streams(service: RunningService) -> None:
 # -- protocol errors -------------------------------------------------------
 
 
+async def test_stream_sockets_send_at_once(service: RunningService) -> None:
+    """Nagle's algorithm is off (TCP_NODELAY), on REST and stream connections alike:
+    with it on, an update waits for the client to acknowledge the one before."""
+    import socket
+
+    from caspian.gateway.connection import StreamConnection
+
+    c = await client(service)
+    async with httpx.AsyncClient(base_url=service.base_url) as rest:
+        # The keep-alive connection stays open on the server meanwhile.
+        assert (await rest.get("/v1/reference/exchanges")).status_code == 401
+        # uvicorn's registry holds its HTTP connections and our streams.
+        registry: set[Any] = service.listening.server.server_state.connections
+        http = [c.transport for c in registry if not isinstance(c, StreamConnection)]
+        streams = [c._transport for c in service.listening.service.gateway.connections]
+        assert http and streams
+        transports = http + streams
+        for transport in transports:
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    await c.close()
+
+
 async def test_protocol_errors_keep_the_connection(service: RunningService) -> None:
     c = await client(service)
     cases: list[tuple[bytes, int]] = [

@@ -23,7 +23,23 @@ class Listening:
 
 def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
+    # The protocol is named, not left 0 as socket.create_server leaves it: asyncio
+    # turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say they are
+    # TCP, and accepted sockets inherit the listener's. With Nagle on, a write
+    # waits for the client to acknowledge the one before, which a client that
+    # delays its acknowledgements holds back for tens of milliseconds.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
