@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from caspian.book import EMPTY_VIEW, BookView, OrderBook, diff_views
 from caspian.codes import CONFLATIONS
 from caspian.events import BookEvent, Event, StatusEvent, TradeEvent
+from caspian.server import listen_socket
 from caspian.sources.simulator import SimProduct, Simulator
 from caspian.timefmt import format_us
 
@@ -280,8 +280,8 @@ def product(symbol: str, tick: str, lot: str) -> SimProduct:
 async def main(args: argparse.Namespace) -> None:
     server_state = NaiveServer([product(*one) for one in args.product], args.rate, args.seed)
     app = Starlette(routes=[WebSocketRoute("/v1/stream", server_state.stream)])
-    sock = socket.create_server((args.host, args.port), backlog=2048)
-    sock.setblocking(False)
+    # The same listener as Caspian's, so that both send without Nagle's algorithm.
+    sock = listen_socket(args.host, args.port)
     config = uvicorn.Config(
         app, lifespan="off", log_level="warning", access_log=False, server_header=False
     )

@@ -21,7 +21,8 @@ class Listening:
     service: Service
 
 
-def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket for uvicorn, whose connections send at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # The protocol is named, not left 0 as socket.create_server leaves it: asyncio
     # turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say they are
@@ -47,7 +48,7 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None = None) -> None:
     """Start everything, call ``on_ready`` once clients can connect, run until stopped."""
     service = Service(settings)
-    sock = _bind(settings.host, settings.port, settings.reuse_port)
+    sock = listen_socket(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()
         config = uvicorn.Config(
