@@ -33,12 +33,14 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ValueError("CASPIAN_REUSE_PORT: this platform has no SO_REUSEPORT")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(2048)
-    except OSError:
+    except (OSError, ValueError):
         sock.close()
         raise
     sock.setblocking(False)
