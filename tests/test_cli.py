@@ -7,6 +7,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -483,3 +484,10 @@ def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], exp
     # accepted would otherwise leave a server running.
     line = fails(data_dir, "serve", timeout=30, **({"CASPIAN_PORT": "0"} | env))
     assert expected in line
+
+
+def test_serve_on_a_taken_port_says_which(data_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = fails(data_dir, "serve", "--port", str(port), timeout=30)
+    assert f"cannot listen on 127.0.0.1:{port}" in line

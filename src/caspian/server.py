@@ -40,7 +40,10 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(2048)
-    except (OSError, ValueError):
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    except ValueError:
         sock.close()
         raise
     sock.setblocking(False)
