@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -29,6 +31,22 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 
 async def client(service: RunningService, user: str = "alice") -> StreamClient:
     return await StreamClient.open(service.stream_url, await asyncio.to_thread(service.token, user))
+
+
+def stream_address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def small_window_socket(url: str) -> socket.socket:
+    """A connected, non-blocking socket to the stream whose small receive buffer
+    fills quickly once its reader stops: the server then has to hold data back."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(stream_address(url))
+    raw.setblocking(False)
+    return raw
 
 
 # -- connection ------------------------------------------------------------
@@ -99,8 +117,6 @@ async def test_other_paths_are_not_streams(service: RunningService) -> None:
 async def test_stream_sockets_send_at_once(service: RunningService) -> None:
     """Nagle's algorithm is off (TCP_NODELAY), on REST and stream connections alike:
     with it on, an update waits for the client to acknowledge the one before."""
-    import socket
-
     from caspian.gateway.connection import StreamConnection
 
     c = await client(service)
@@ -393,8 +409,7 @@ async def test_unanswered_ping_closes_3006(tmp_path: Path) -> None:
     running = start_service(tmp_path, heartbeat_s=0.5)
     try:
         token = await asyncio.to_thread(running.token)
-        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(*stream_address(running.stream_url))
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
 
@@ -437,13 +452,7 @@ async def test_slow_client_is_closed_3007_and_others_continue(tmp_path: Path) ->
     try:
         token = await asyncio.to_thread(running.token)
         symbols = [p.caspian_code for p in list(running.listening.service.catalog)[:30]]
-        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
-        import socket
-
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect((host, int(port)))
-        raw.setblocking(False)
+        raw = small_window_socket(running.stream_url)
         reader, writer = await asyncio.open_connection(sock=raw)
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
@@ -512,13 +521,7 @@ async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> No
         token = await asyncio.to_thread(running.token)
         service = running.listening.service
         symbols = [p.caspian_code for p in list(service.catalog)[:8]]
-        host, port = running.stream_url.split("//")[1].split("/")[0].rsplit(":", 1)
-        import socket
-
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect((host, int(port)))
-        raw.setblocking(False)
+        raw = small_window_socket(running.stream_url)
         # The client's small message queue makes it stop reading the socket
         # while the test does not call recv.
         c = await StreamClient.open(running.stream_url, token, sock=raw, max_queue=4)
