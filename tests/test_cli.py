@@ -477,6 +477,7 @@ def test_serve_with_a_configured_signing_key(data_dir: Path) -> None:
         ({"CASPIAN_TOKEN_TTL_S": "-5"}, "token_ttl_s"),
         ({"CASPIAN_JWT_SECRET": "too-short"}, "at least 32 characters"),
         ({"CASPIAN_SOURCE": "carrier-pigeon"}, "unsupported source"),
+        ({"CASPIAN_REUSE_PORT": "maybe"}, "reuse_port"),
     ],
 )
 def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], expected: str) -> None:
