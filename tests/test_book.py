@@ -306,3 +306,43 @@ def test_a_client_applying_the_diffs_always_holds_the_top_n(sequence: list[Op], 
                 client[(side, price)] = size
         assert client == as_map(view)
         sent = view
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, depths)
+def test_diffs_applied_to_the_top_give_the_next_top(sequence: list[Op], n: int) -> None:
+    """What apply_diff_top returns keeps a copy of the top N exact, and says every net change."""
+    book = OrderBook()
+    client: dict[tuple[str, float], float] = {}
+    for op in sequence:
+        kind, bids, asks = op
+        before = book.top(n)
+        if kind != "diff":
+            apply(book, op)
+            client = as_map(book.top(n))
+            continue
+        bid_changes, ask_changes = book.apply_diff_top(bids, asks, n)
+        for side, changes in (("bid", bid_changes), ("ask", ask_changes)):
+            assert len({price for price, _ in changes}) == len(changes), "a price sent twice"
+            for price, size in changes:
+                if size == 0:
+                    client.pop((side, price), None)
+                else:
+                    client[(side, price)] = size
+        after = book.top(n)
+        assert client == as_map(after)
+        sent = {(price, size, "bid") for price, size in bid_changes}
+        sent |= {(price, size, "ask") for price, size in ask_changes}
+        assert expected_changes(before, after) <= sent
+
+
+def test_apply_diff_top_sends_a_change_below_the_top_as_nothing() -> None:
+    book = OrderBook()
+    book.apply_snapshot([(99.0, 1.0), (98.0, 1.0), (97.0, 1.0)], [(100.0, 1.0), (101.0, 1.0)])
+    assert book.apply_diff_top([(97.0, 5.0), (96.0, 1.0)], [], 2) == ([], [])
+    # A new best bid pushes 98 out; removing the best ask brings 101 in.
+    assert book.apply_diff_top([(99.5, 2.0)], [(100.0, 0.0)], 2) == (
+        [(99.5, 2.0), (98.0, 0.0)],
+        [(100.0, 0.0)],
+    )
+    assert book.top(2) == BookView(((99.5, 2.0), (99.0, 1.0)), ((101.0, 1.0),))

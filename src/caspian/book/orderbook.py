@@ -8,7 +8,7 @@ possible.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,6 +42,50 @@ def _apply(by_price: dict[float, Level], prices: list[float], levels: Iterable[L
             del prices[bisect_left(prices, price)]
 
 
+def _apply_top(
+    by_price: dict[float, Level],
+    prices: list[float],
+    levels: Iterable[Level],
+    depth: int,
+    bids: bool,
+) -> list[Level]:
+    """Applies ``levels`` to one side; what that changed among its best ``depth`` levels.
+
+    A level's rank is the number of levels better than it, found by one
+    binary search; only a change ranked inside the top can change the top,
+    and then by at most one more level crossing its edge.
+    """
+    visible: dict[float, float] = {}
+    for level in levels:
+        price, size = level
+        count = len(prices)
+        rank = count - bisect_right(prices, price) if bids else bisect_left(prices, price)
+        if size > 0:
+            if price in by_price:
+                by_price[price] = level
+                if rank < depth:
+                    visible[price] = size
+                continue
+            insort(prices, price)
+            by_price[price] = level
+            if rank < depth:
+                visible[price] = size
+                if count >= depth:
+                    # The level that was last in the top is pushed out of it.
+                    visible[prices[count - depth] if bids else prices[depth]] = 0.0
+        elif by_price.pop(price, None) is not None:
+            del prices[bisect_left(prices, price)]
+            if rank < depth:
+                visible[price] = 0.0
+                if count > depth:
+                    # The best level outside the top enters it.
+                    entering = prices[count - 1 - depth] if bids else prices[depth - 1]
+                    visible[entering] = by_price[entering][1]
+    # A price changed twice in one diff keeps its last state, which is all a
+    # client applying the changes needs.
+    return list(visible.items())
+
+
 class OrderBook:
     """Both sides of one symbol's book, as price levels.
 
@@ -72,6 +116,21 @@ class OrderBook:
         """Set each given level's size; size 0 removes it, absent or not."""
         _apply(self._bids, self._bid_prices, bids)
         _apply(self._asks, self._ask_prices, asks)
+
+    def apply_diff_top(
+        self, bids: Iterable[Level], asks: Iterable[Level], depth: int
+    ) -> tuple[list[Level], list[Level]]:
+        """Applies a diff; the changes it made to the best ``depth`` levels of each side.
+
+        Applying those changes, in order, to a copy of the top ``depth``
+        before the diff gives the top ``depth`` after it: a level pushed out
+        comes with size 0, a level that enters with its size. It costs a
+        binary search per changed level, whatever the book's depth.
+        """
+        return (
+            _apply_top(self._bids, self._bid_prices, bids, depth, True),
+            _apply_top(self._asks, self._ask_prices, asks, depth, False),
+        )
 
     def clear(self) -> None:
         self._bids = {}
