@@ -10,7 +10,8 @@ from prometheus_client import Counter, Gauge
 
 #: Books thrown away and rebuilt from a fresh snapshot, by what forced it:
 #: ``disconnect``, ``stall`` (the watchdog), ``checksum``, ``sequence``,
-#: ``crossed`` or ``error`` (anything else the upstream library raised).
+#: ``crossed``, ``lag`` (the feed fell behind the exchange) or ``error`` (anything
+#: else the upstream library raised).
 RESYNCS = Counter(
     "caspian_resyncs_total",
     "Upstream books dropped and rebuilt from a fresh snapshot.",
@@ -48,3 +49,11 @@ MESSAGES = Counter("caspian_stream_messages_total", "Level1 and Level2 updates s
 
 #: NATS bus feeds rebuilt from a snapshot after a gap, a new source epoch or a reconnect.
 BUS_RESYNCS = Counter("caspian_bus_resyncs_total", "Bus feeds rebuilt from a snapshot.")
+
+#: How far a watched live symbol runs behind its exchange, from the exchange's
+#: time stamps (less the smallest delay seen since its book was synced).
+LIVE_LAG = Gauge(
+    "caspian_live_lag_seconds",
+    "Delay of a live symbol's book behind the exchange's time stamps.",
+    ["exchange", "symbol"],
+)

@@ -104,7 +104,11 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
 
         exchanges = parse_exchanges(settings.source.partition(":")[2])
         return LiveSource(
-            exchanges, product, urls=urls_from_env(), stall_timeout_s=settings.live_stall_s
+            exchanges,
+            product,
+            urls=urls_from_env(),
+            stall_timeout_s=settings.live_stall_s,
+            max_lag_s=settings.live_max_lag_s,
         )
     raise ValueError(
         f"unsupported source {settings.source!r}: "

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         description="Live source watchdog: a stream silent this long is marked "
         "disconnected and subscribed again.",
     )
+    live_max_lag_s: float = Field(
+        2.0,
+        gt=0,
+        description="Live source: a symbol running this far behind the exchange's time "
+        "stamps is marked disconnected until it catches up, then sent whole again.",
+    )
     unwatch_grace_s: float = Field(
         30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
     )

@@ -1,62 +1,21 @@
-"""The 22 exchanges of the Caspian API, and where ccxt knows them."""
+"""The 22 exchanges of the Caspian API as the catalog sees them, derived from the registry.
+
+The records live in :mod:`caspian.sources.live.registry`; these are the views
+the catalog, the store and the REST API read.
+"""
 
 from __future__ import annotations
 
+from caspian.sources.live.registry import EXCHANGES as _RECORDS
+
 #: (name, code) of every supported exchange, in the contract's order.
-EXCHANGES: tuple[tuple[str, str], ...] = (
-    ("Binance", "BINANCE"),
-    ("Bitfinex", "BITFINEX"),
-    ("Bitflyer", "BITFLYER"),
-    ("Bithumb", "BITHUMB"),
-    ("Bitmex", "BITMEX"),
-    ("Bitstamp", "BITSTAMP"),
-    ("Bittrex", "BITTREX"),
-    ("BTCC", "BTCC"),
-    ("CEX", "CEX"),
-    ("Coinbase Pro (GDAX)", "GDAX"),
-    ("CoinOne", "COINONE"),
-    ("Deribit", "DERIBIT"),
-    ("Gemini", "GEMINI"),
-    ("Hitbtc", "HITBTC"),
-    ("Huobi", "HUOBI"),
-    ("ItBit", "ITBIT"),
-    ("Korbit", "KORBIT"),
-    ("Kraken", "KRAKEN"),
-    ("Kucoin", "KUCOIN"),
-    ("Liquid", "LIQUID"),
-    ("OKEx", "OKEX"),
-    ("Poloniex", "POLONIEX"),
-)
+EXCHANGES: tuple[tuple[str, str], ...] = tuple((e.name, e.code) for e in _RECORDS)
 
 #: Caspian exchange code -> the name of its bundled ccxt markets file (the ccxt
 #: id when the file was made). BTCC, ItBit, Korbit and Liquid have none: ccxt
 #: dropped them, so their products are hand-written.
-CCXT_FILES: dict[str, str] = {
-    "BINANCE": "binance",
-    "BITFINEX": "bitfinex",
-    "BITFLYER": "bitflyer",
-    "BITHUMB": "bithumb",
-    "BITMEX": "bitmex",
-    "BITSTAMP": "bitstamp",
-    "BITTREX": "bittrex",
-    "CEX": "cex",
-    "GDAX": "coinbaseexchange",
-    "COINONE": "coinone",
-    "DERIBIT": "deribit",
-    "GEMINI": "gemini",
-    "HITBTC": "hitbtc",
-    "HUOBI": "huobi",
-    "KRAKEN": "kraken",
-    "KUCOIN": "kucoin",
-    "OKEX": "okx",
-    "POLONIEX": "poloniex",
-}
+CCXT_FILES: dict[str, str] = {e.code: e.markets_file for e in _RECORDS if e.markets_file}
 
 #: Caspian exchange code -> exchange id in the ccxt this project installs, for
-#: fetching markets and streaming live. ccxt renamed Huobi to HTX and no longer
-#: ships BitMEX or Bittrex (closed in 2023).
-CCXT_IDS: dict[str, str] = {
-    code: {"HUOBI": "htx"}.get(code, file_id)
-    for code, file_id in CCXT_FILES.items()
-    if code not in ("BITMEX", "BITTREX")
-}
+#: fetching markets and streaming live.
+CCXT_IDS: dict[str, str] = {e.code: e.ccxt_id for e in _RECORDS if e.ccxt_id}

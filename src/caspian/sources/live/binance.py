@@ -1,0 +1,356 @@
+"""Binance spot through Caspian's own client: diff depth after a REST snapshot.
+
+One WebSocket connection carries every watched spot symbol: symbols are
+subscribed and unsubscribed on it as they are watched and released
+(``SUBSCRIBE``/``UNSUBSCRIBE`` of ``<symbol>@depth@100ms`` and
+``<symbol>@trade`` on the raw-stream endpoint). A symbol's book is synced as
+Binance documents it: its diff events are buffered while the REST snapshot
+(``/depth``, 1,000 levels) is fetched, the events the snapshot already holds
+are dropped, and from then on every event must start right after the last
+one applied (``U`` = previous ``u`` + 1). A hole resyncs that symbol alone,
+with reason ``sequence``; the connection and the other symbols go on.
+
+Each event's levels go to the symbol's :class:`SymbolFeed` as the diff they
+are, which sends on only what changed in the top levels, and its event time
+``E`` measures the lag. The reader yields to the event loop every few
+messages, so a burst on the connection cannot hold the loop.
+
+Binance's dated futures and perpetual swaps (USDⓈ-M and COIN-M, other
+hosts) stay on ccxt.pro (:mod:`caspian.sources.live.ccxt_pro`).
+
+Addresses follow ccxt's layout for Binance (CONTRACT.md section 7):
+``{"api": {"ws": {"spot": WS_URL}, "public": REST_URL}}``, where ``WS_URL``
+is the raw-stream endpoint (``wss://stream.binance.com:9443/ws``) and
+``REST_URL`` the API root ending in ``/api/v3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from caspian.events import Level
+from caspian.sources.integrity import IntegrityError
+from caspian.sources.live.adapter import Adapter
+from caspian.sources.live.feed import SymbolFeed
+from caspian.sources.live.source import Backoff, merged
+
+if TYPE_CHECKING:
+    from caspian.catalog.product import ProductSpec
+    from caspian.sources.live.ccxt_pro import SymbolSessions
+    from caspian.sources.live.registry import Exchange
+    from caspian.sources.live.source import LiveSource
+
+log = logging.getLogger("caspian.sources.live")
+
+_URLS = {
+    "api": {
+        "ws": {"spot": "wss://stream.binance.com:9443/ws"},
+        "public": "https://api.binance.com/api/v3",
+    }
+}
+#: Levels of a REST snapshot: Binance's documented choice for a local book.
+SNAPSHOT_LEVELS = 1000
+#: Binance allows 1,024 streams a connection; a symbol takes two.
+MAX_SYMBOLS = 512
+#: Binance allows 5 messages a second from a client: control messages are spaced.
+_CONTROL_GAP_S = 0.25
+#: Streams per SUBSCRIBE message, well under Binance's message size limit.
+_STREAMS_PER_REQUEST = 200
+#: Concurrent REST snapshot requests: a reconnect of many symbols must not
+#: spend the IP's request weight in one burst.
+_SNAPSHOTS_AT_ONCE = 4
+#: Messages read before yielding to the event loop.
+_YIELD_EVERY = 32
+
+#: Binance's derivatives through ccxt.pro, which checks their update ids.
+DERIVATIVES = Adapter("binance", book_limit=1000, checksum_reason="sequence")
+
+
+def client(source: LiveSource, exchange: Exchange) -> BinanceClient:
+    return BinanceClient(source, exchange.code)
+
+
+def _levels(raw: Iterable[Any]) -> list[Level]:
+    return [(float(price), float(size)) for price, size, *_ in raw]
+
+
+class _Symbol:
+    """One spot symbol on the connection: its feed and where its book stands."""
+
+    __slots__ = ("buffer", "feed", "last_update", "market_id", "snapshot_task", "streams")
+
+    def __init__(self, feed: SymbolFeed, market_id: str) -> None:
+        self.feed = feed
+        self.market_id = market_id
+        name = market_id.lower()
+        self.streams = (f"{name}@depth@100ms", f"{name}@trade")
+        #: The last update id applied; None while the book is being synced.
+        self.last_update: int | None = None
+        #: Diff events received while the snapshot is on its way.
+        self.buffer: list[dict[str, Any]] = []
+        self.snapshot_task: asyncio.Task[None] | None = None
+
+
+class BinanceClient:
+    """Every watched Binance symbol: spot on one shared connection, derivatives through ccxt."""
+
+    def __init__(self, source: LiveSource, code: str) -> None:
+        self._source = source
+        self._code = code
+        urls = merged(_URLS, source.urls.get(code, {}))
+        self._ws_url: str = urls["api"]["ws"]["spot"]
+        self._rest_url: str = urls["api"]["public"].rstrip("/")
+        #: Spot symbols by Binance's id (BTCUSDT), the key of its messages.
+        self._symbols: dict[str, _Symbol] = {}
+        self._by_code: dict[str, _Symbol] = {}
+        self._control: asyncio.Queue[tuple[str, tuple[str, ...]]] = asyncio.Queue()
+        self._ws: ClientConnection | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._snapshots = asyncio.Semaphore(_SNAPSHOTS_AT_ONCE)
+        self._last_message = 0.0
+        self._derivatives: SymbolSessions | None = None
+        self._derivatives_task: asyncio.Task[None] | None = None
+
+    # -- ExchangeClient ----------------------------------------------------------
+
+    def watch(self, feed: SymbolFeed, spec: ProductSpec) -> None:
+        if spec.type != "FX":
+            self._derivative_sessions().watch(feed, spec)
+            return
+        if len(self._symbols) >= MAX_SYMBOLS:
+            log.error(
+                "not streaming %s: one Binance connection carries %d symbols at most",
+                spec.caspian_code,
+                MAX_SYMBOLS,
+            )
+            return
+        symbol = _Symbol(feed, spec.native_code.replace("/", "").upper())
+        self._symbols[symbol.market_id] = symbol
+        self._by_code[spec.caspian_code] = symbol
+        if self._ws is not None:
+            self._control.put_nowait(("SUBSCRIBE", symbol.streams))
+
+    def unwatch(self, symbol: str) -> None:
+        state = self._by_code.pop(symbol, None)
+        if state is None:
+            if self._derivatives is not None:
+                self._derivatives.unwatch(symbol)
+            return
+        self._symbols.pop(state.market_id, None)
+        if state.snapshot_task is not None:
+            state.snapshot_task.cancel()
+        if self._ws is not None:
+            self._control.put_nowait(("UNSUBSCRIBE", state.streams))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self._source)
+        try:
+            while True:
+                started = loop.time()
+                streamed = False
+                try:
+                    streamed = await self._connection()
+                except asyncio.CancelledError:
+                    raise
+                except IntegrityError as exc:
+                    self._down(exc.reason, exc)
+                except (OSError, WebSocketException, aiohttp.ClientError, TimeoutError) as exc:
+                    self._down("disconnect", exc)
+                except Exception as exc:
+                    self._down("error", exc, traceback=True)
+                await backoff.wait(loop.time() - started if streamed else 0.0)
+                for symbol in self._symbols.values():
+                    symbol.feed.reconnecting()
+        finally:
+            if self._derivatives_task is not None:
+                self._derivatives_task.cancel()
+                await asyncio.gather(self._derivatives_task, return_exceptions=True)
+            for symbol in self._symbols.values():
+                if symbol.snapshot_task is not None:
+                    symbol.snapshot_task.cancel()
+            if self._http is not None:
+                await self._http.close()
+
+    def _derivative_sessions(self) -> SymbolSessions:
+        if self._derivatives is None:
+            from caspian.sources.live.ccxt_pro import SymbolSessions
+
+            self._derivatives = SymbolSessions(self._source, self._code, DERIVATIVES)
+            self._derivatives_task = asyncio.create_task(self._derivatives.run())
+        return self._derivatives
+
+    # -- the connection ----------------------------------------------------------
+
+    async def _connection(self) -> bool:
+        """Streams until the connection fails; whether it got as far as streaming."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        # Whatever was queued for the last connection is in the full subscribe below.
+        self._control = asyncio.Queue()
+        async with connect(
+            self._ws_url, ping_interval=None, close_timeout=1.0, max_size=2**24
+        ) as ws:
+            self._ws = ws
+            tasks = [
+                asyncio.create_task(self._read(ws)),
+                asyncio.create_task(self._send_control(ws)),
+            ]
+            tasks.append(asyncio.create_task(self._watchdog(tasks[0])))
+            try:
+                streams = tuple(s for symbol in self._symbols.values() for s in symbol.streams)
+                if streams:
+                    self._control.put_nowait(("SUBSCRIBE", streams))
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            finally:
+                self._ws = None
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for symbol in self._symbols.values():
+                    if symbol.snapshot_task is not None:
+                        symbol.snapshot_task.cancel()
+                        symbol.snapshot_task = None
+        return True
+
+    async def _send_control(self, ws: ClientConnection) -> None:
+        ids = 0
+        while True:
+            method, streams = await self._control.get()
+            for start in range(0, len(streams), _STREAMS_PER_REQUEST):
+                ids += 1
+                params = list(streams[start : start + _STREAMS_PER_REQUEST])
+                await ws.send(orjson.dumps({"method": method, "params": params, "id": ids}))
+                if method == "SUBSCRIBE":
+                    self._sync_all(params)
+                await asyncio.sleep(_CONTROL_GAP_S)
+
+    def _sync_all(self, streams: list[str]) -> None:
+        """Starts syncing the book of every symbol whose depth stream was just subscribed."""
+        for stream in streams:
+            name, _, kind = stream.partition("@")
+            if not kind.startswith("depth"):
+                continue
+            symbol = self._symbols.get(name.upper())
+            if symbol is not None:
+                self._resync(symbol)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
+        symbols = self._symbols
+        count = 0
+        async for raw in ws:
+            self._last_message = loop.time()
+            message = orjson.loads(raw)
+            kind = message.get("e")
+            if kind == "depthUpdate":
+                symbol = symbols.get(message["s"])
+                if symbol is not None:
+                    self._depth(symbol, message)
+            elif kind == "trade":
+                symbol = symbols.get(message["s"])
+                if symbol is not None:
+                    self._trade(symbol, message)
+            elif "error" in message:
+                log.error("Binance refused a request: %s", message["error"])
+            count += 1
+            if count % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        raise ConnectionError("Binance closed the connection")
+
+    async def _watchdog(self, reader: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._source.stall_timeout_s
+        self._last_message = loop.time()
+        while not reader.done():
+            silent = loop.time() - self._last_message
+            if silent >= timeout:
+                raise IntegrityError("stall", f"no message for {silent:.1f} s")
+            await asyncio.sleep(timeout - silent)
+
+    # -- books and trades --------------------------------------------------------
+
+    def _depth(self, symbol: _Symbol, event: dict[str, Any]) -> None:
+        last = symbol.last_update
+        if last is None:
+            symbol.buffer.append(event)
+            return
+        if event["u"] <= last:
+            return
+        if event["U"] > last + 1:
+            symbol.feed.down(
+                "sequence", f"update ids {event['U']}-{event['u']} follow {last}: a hole"
+            )
+            symbol.buffer.append(event)
+            self._resync(symbol)
+            return
+        symbol.last_update = event["u"]
+        symbol.feed.diff(_levels(event["b"]), _levels(event["a"]), event["E"] * 1000)
+
+    def _trade(self, symbol: _Symbol, event: dict[str, Any]) -> None:
+        symbol.feed.trade(
+            float(event["p"]),
+            float(event["q"]),
+            str(event["t"]),
+            # The buyer being the maker means the taker sold.
+            {"side": "SELL" if event.get("m") else "BUY"},
+            event["T"] * 1000,
+        )
+
+    def _resync(self, symbol: _Symbol) -> None:
+        symbol.last_update = None
+        if symbol.snapshot_task is None or symbol.snapshot_task.done():
+            symbol.snapshot_task = asyncio.create_task(self._snapshot(symbol))
+
+    async def _snapshot(self, symbol: _Symbol) -> None:
+        """Fetches the REST snapshot and lines the buffered events up behind it."""
+        assert self._http is not None
+        delay = self._source.backoff_initial_s
+        while symbol.last_update is None:
+            try:
+                async with self._snapshots:
+                    book = await self._fetch(symbol.market_id)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.warning("Binance %s: no snapshot (%s), retrying", symbol.market_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._source.backoff_max_s)
+                continue
+            last = int(book["lastUpdateId"])
+            pending = [event for event in symbol.buffer if event["u"] > last]
+            if pending and pending[0]["U"] > last + 1:
+                # The snapshot is older than the first event kept: a newer one is needed.
+                symbol.buffer = pending
+                await asyncio.sleep(delay)
+                continue
+            symbol.buffer = []
+            symbol.last_update = last
+            symbol.feed.snapshot(_levels(book["bids"]), _levels(book["asks"]))
+            for event in pending:
+                self._depth(symbol, event)
+
+    async def _fetch(self, market_id: str) -> dict[str, Any]:
+        assert self._http is not None
+        url = f"{self._rest_url}/depth"
+        params = {"symbol": market_id, "limit": str(SNAPSHOT_LEVELS)}
+        async with self._http.get(url, params=params) as response:
+            response.raise_for_status()
+            book: dict[str, Any] = orjson.loads(await response.read())
+        if not isinstance(book, dict) or "lastUpdateId" not in book:
+            raise ValueError(f"not a depth snapshot: {str(book)[:200]}")
+        return book
+
+    def _down(self, reason: str, cause: BaseException, *, traceback: bool = False) -> None:
+        for symbol in self._symbols.values():
+            symbol.buffer = []
+            symbol.last_update = None
+            symbol.feed.down(reason, cause, traceback=traceback)

@@ -1,0 +1,324 @@
+"""The exchange registry: one record per Caspian exchange, and every list derived from it.
+
+The product catalog (names, codes, ccxt market files and ids), the live
+source (which client streams an exchange, with which checks) and the README's
+exchange table all read these records; an exchange is added here once.
+
+How an exchange is reached (:attr:`Exchange.client`):
+
+- ``"ccxt_pro"``: ccxt.pro, one connection per watched symbol
+  (:mod:`caspian.sources.live.ccxt_pro`), every raw message applied by ccxt
+  and turned into a diff of the top levels at once, with Caspian's own checks
+  where ccxt has none;
+- a module name (``"binance"``, ``"bitmex"``): Caspian's own client in
+  ``caspian.sources.live.<module>``, parsing the exchange's messages into
+  diffs directly;
+- None: not streamed, :attr:`Exchange.notes` says why.
+
+The choice was made by measurement (bench/bench_live.py, bench/README.md): on
+a Binance-format feed ccxt.pro alone spent 56-70 µs of CPU per event at 10k
+events/s, cryptofeed 17-24 µs, and orjson plus a dict book 10-17 µs. ccxt
+rebuilds its own book on every message and cannot unsubscribe on most
+exchanges, so the busiest exchange, Binance, has Caspian's own client with
+shared connections; the others stay on ccxt.pro, whose per-message cost is
+well below their rates. ccxt remains the source of reference data for all of
+them.
+
+This module imports neither ccxt nor any client, so the catalog stays cheap
+to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from caspian.sources.integrity import KucoinSequence, OkxChecksum
+from caspian.sources.live.adapter import (
+    Adapter,
+    coinbase_book,
+    coinone_taker_side,
+    deribit_check,
+    gemini_without_history,
+    kraken_check,
+    poloniex_check,
+)
+
+CCXT = "ccxt_pro"
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One of the 22 exchanges of the Caspian API."""
+
+    code: str
+    name: str
+    #: The bundled ccxt markets file (src/caspian/catalog/data), or None when
+    #: its products are written by hand.
+    markets_file: str | None
+    #: Its id in the installed ccxt, for reference data, or None when ccxt
+    #: no longer ships it.
+    ccxt_id: str | None
+    #: ``"ccxt_pro"``, the module of Caspian's own client, or None (module docs).
+    client: str | None
+    #: The ccxt.pro options of a ``"ccxt_pro"`` exchange.
+    adapter: Adapter | None = None
+    #: The integrity checks run on its book, and who runs them.
+    checks: tuple[str, ...] = ()
+    #: Protocol notes, or why it is not streamed.
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.client == CCXT) != (self.adapter is not None):
+            raise ValueError(f"{self.code}: an adapter goes with the ccxt client, and only there")
+
+    @property
+    def live(self) -> bool:
+        return self.client is not None
+
+
+_CROSSED = "crossed book (Caspian)"
+
+#: In the contract's order.
+EXCHANGES: tuple[Exchange, ...] = (
+    Exchange(
+        "BINANCE",
+        "Binance",
+        "binance",
+        "binance",
+        "binance",
+        checks=("update-id chain U/u against the REST snapshot (Caspian)", _CROSSED),
+        notes="Diff depth @100ms after a REST snapshot; one connection for every watched "
+        "symbol, subscribed and unsubscribed on the fly.",
+    ),
+    Exchange(
+        "BITFINEX",
+        "Bitfinex",
+        "bitfinex",
+        "bitfinex",
+        CCXT,
+        Adapter("bitfinex"),
+        checks=("CRC32 checksum of the top 25 (ccxt)", _CROSSED),
+    ),
+    Exchange(
+        "BITFLYER",
+        "Bitflyer",
+        "bitflyer",
+        "bitflyer",
+        None,
+        notes="ccxt.pro has no WebSocket support for bitFlyer (ccxt has its REST API only)",
+    ),
+    Exchange(
+        "BITHUMB",
+        "Bithumb",
+        "bithumb",
+        "bithumb",
+        CCXT,
+        Adapter("bithumb"),
+        checks=(_CROSSED,),
+    ),
+    Exchange(
+        "BITMEX",
+        "Bitmex",
+        "bitmex",
+        None,
+        "bitmex",
+        checks=("changes only to levels announced before (Caspian)", _CROSSED),
+        notes="ccxt dropped BitMEX: orderBookL2 and trade tables through Caspian's own client, "
+        "native ids (XBTUSD), text pings every 5 s.",
+    ),
+    Exchange(
+        "BITSTAMP",
+        "Bitstamp",
+        "bitstamp",
+        "bitstamp",
+        CCXT,
+        Adapter("bitstamp"),
+        checks=(_CROSSED,),
+    ),
+    Exchange(
+        "BITTREX",
+        "Bittrex",
+        "bittrex",
+        None,
+        None,
+        notes="the exchange closed in December 2023",
+    ),
+    Exchange(
+        "BTCC",
+        "BTCC",
+        None,
+        None,
+        None,
+        notes="the exchange closed the spot market the API knew in 2017; ccxt dropped it",
+    ),
+    Exchange(
+        "CEX",
+        "CEX",
+        "cex",
+        "cex",
+        None,
+        notes="CEX.IO streams its order book to authenticated connections only (ccxt.pro's "
+        "watch_order_book logs in first), and Caspian holds no exchange credentials",
+    ),
+    Exchange(
+        "GDAX",
+        "Coinbase Pro (GDAX)",
+        "coinbaseexchange",
+        "coinbaseexchange",
+        CCXT,
+        Adapter(
+            "coinbaseexchange",
+            watch_book=coinbase_book,
+            info_fields=("maker_order_id", "taker_order_id", "sequence"),
+        ),
+        checks=(_CROSSED,),
+        notes="level2_batch (the public channel) and heartbeats.",
+    ),
+    Exchange(
+        "COINONE",
+        "CoinOne",
+        "coinone",
+        "coinone",
+        CCXT,
+        Adapter("coinone", prepare=coinone_taker_side),
+        checks=(_CROSSED,),
+        notes="ORDERBOOK sends the whole top of the book on every change; ccxt's reading of "
+        "is_seller_maker is turned around (a resting seller means a buying taker).",
+    ),
+    Exchange(
+        "DERIBIT",
+        "Deribit",
+        "deribit",
+        "deribit",
+        CCXT,
+        Adapter(
+            "deribit",
+            info_fields=("trade_seq", "tick_direction", "mark_price", "index_price"),
+            check=deribit_check,
+        ),
+        checks=("change_id/prev_change_id chain (Caspian)", _CROSSED),
+    ),
+    Exchange(
+        "GEMINI",
+        "Gemini",
+        "gemini",
+        "gemini",
+        CCXT,
+        Adapter("gemini", prepare=gemini_without_history),
+        checks=(_CROSSED,),
+        notes="Market data v2 l2 subscription; the trades replayed on subscribing are dropped.",
+    ),
+    Exchange(
+        "HITBTC",
+        "Hitbtc",
+        "hitbtc",
+        "hitbtc",
+        CCXT,
+        Adapter("hitbtc"),
+        checks=(_CROSSED,),
+        notes="orderbook/full numbers its messages (s), but HitBTC promises only that the "
+        "numbers grow, so a lost message cannot be told from a jump and is not checked.",
+    ),
+    Exchange(
+        "HUOBI",
+        "Huobi",
+        "huobi",
+        "htx",
+        CCXT,
+        # ccxt takes the legacy trade id, wider than 64 bits and so parsed
+        # as a float; tradeId is the exchange's own.
+        Adapter("htx", info_fields=("tradeId",), checksum_reason="sequence"),
+        checks=("seqNum/prevSeqNum chain (ccxt)", _CROSSED),
+        notes="ccxt renamed Huobi to HTX. mbp.150 on /feed (snapshot by req on the same "
+        "connection), trade.detail on /ws; gzip frames, server pings.",
+    ),
+    Exchange(
+        "ITBIT",
+        "ItBit",
+        None,
+        None,
+        None,
+        notes="itBit became Paxos; ccxt dropped it",
+    ),
+    Exchange("KORBIT", "Korbit", None, None, None, notes="ccxt dropped Korbit"),
+    Exchange(
+        "KRAKEN",
+        "Kraken",
+        "kraken",
+        "kraken",
+        CCXT,
+        Adapter(
+            "kraken",
+            book_limit=100,
+            # Kraken replays its last 50 trades on subscribing unless told not to.
+            trade_params={"snapshot": False},
+            info_fields=("ord_type",),
+            check=kraken_check,
+        ),
+        checks=("CRC32 checksum of the top 10 (Caspian)", _CROSSED),
+        notes="WebSocket v2; the checksum covers the top 10 levels only.",
+    ),
+    Exchange(
+        "KUCOIN",
+        "Kucoin",
+        "kucoin",
+        "kucoin",
+        CCXT,
+        Adapter(
+            "kucoin",
+            info_fields=("makerOrderId", "takerOrderId", "sequence"),
+            check=KucoinSequence.for_market,
+        ),
+        checks=("sequenceStart/sequenceEnd chain (Caspian)", _CROSSED),
+        notes="Classic public WebSocket: a token from POST /api/v1/bullet-public first; "
+        "the book waits for ccxt's REST snapshot, taken after 5 cached updates.",
+    ),
+    Exchange(
+        "LIQUID",
+        "Liquid",
+        None,
+        None,
+        None,
+        notes="the exchange closed in 2022 when FTX, its owner, collapsed; ccxt dropped it",
+    ),
+    Exchange(
+        "OKEX",
+        "OKEx",
+        "okx",
+        "okx",
+        CCXT,
+        Adapter("okx", info_fields=("count",), check=OkxChecksum.for_market),
+        checks=(
+            "seqId/prevSeqId chain (ccxt)",
+            "CRC32 checksum of the top 25, while OKX still sends it (Caspian)",
+            _CROSSED,
+        ),
+        notes="books (400 levels) and trades on /ws/v5/public; text pings.",
+    ),
+    Exchange(
+        "POLONIEX",
+        "Poloniex",
+        "poloniex",
+        "poloniex",
+        CCXT,
+        Adapter("poloniex", check=poloniex_check),
+        checks=("book_lv2 id/lastId chain (Caspian)", _CROSSED),
+    ),
+)
+
+BY_CODE: dict[str, Exchange] = {exchange.code: exchange for exchange in EXCHANGES}
+
+
+def parse_exchanges(text: str) -> list[str]:
+    """``"gemini, KRAKEN"`` -> ``["GEMINI", "KRAKEN"]``; unknown or unstreamed codes raise."""
+    codes = [code.strip().upper() for code in text.split(",") if code.strip()]
+    if not codes:
+        raise ValueError("name the exchanges: live:EXCHANGE,...")
+    for code in codes:
+        exchange = BY_CODE.get(code)
+        if exchange is None:
+            live = ", ".join(e.code for e in EXCHANGES if e.live)
+            raise ValueError(f"unknown exchange {code!r}; live supports {live}")
+        if not exchange.live:
+            raise ValueError(f"cannot stream {code} live: {exchange.notes}")
+    return codes
