@@ -603,6 +603,17 @@ class BinanceMock(MockExchange):
         self.apply(bids, asks)
         self.update_id += len(bids) + len(asks)
 
+    async def burst(self, changes: Iterable[tuple[list[Level], list[Level]]]) -> None:
+        """Publishes many updates made at one instant, as a busy exchange's burst arrives."""
+        messages = []
+        for bids, asks in changes:
+            first = self.update_id + 1
+            self.apply(bids, asks)
+            self.update_id += len(bids) + len(asks)
+            messages.append(self._depth(first, bids, asks))
+        for message in messages:
+            await self.publish("depth", message)
+
     async def trade(self, price: float, qty: float, buyer_is_maker: bool) -> Message:
         now = ms_now()
         message = {

@@ -295,7 +295,11 @@ class BinanceClient:
             self._resync(symbol)
             return
         symbol.last_update = event["u"]
-        symbol.feed.diff(_levels(event["b"]), _levels(event["a"]), event["E"] * 1000)
+        try:
+            symbol.feed.diff(_levels(event["b"]), _levels(event["a"]), event["E"] * 1000)
+        except IntegrityError as exc:
+            symbol.feed.down(exc.reason, exc)
+            self._resync(symbol)
 
     def _trade(self, symbol: _Symbol, event: dict[str, Any]) -> None:
         symbol.feed.trade(
@@ -334,7 +338,14 @@ class BinanceClient:
                 continue
             symbol.buffer = []
             symbol.last_update = last
-            symbol.feed.snapshot(_levels(book["bids"]), _levels(book["asks"]))
+            try:
+                symbol.feed.snapshot(_levels(book["bids"]), _levels(book["asks"]))
+            except IntegrityError as exc:
+                symbol.feed.down(exc.reason, exc)
+                symbol.last_update = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._source.backoff_max_s)
+                continue
             for event in pending:
                 self._depth(symbol, event)
 

@@ -6,6 +6,9 @@ them into normalized events by one set of rules:
 
 - a book goes out as a snapshot of its top ``depth`` levels, then the three
   streams ``connected``, then only the changes to that top;
+- a crossed book is never sent: :meth:`SymbolFeed.snapshot` and
+  :meth:`SymbolFeed.diff` raise :class:`IntegrityError` (``crossed``) instead,
+  for the client to resync;
 - a failure (``down``) sends the three streams ``disconnected`` at once,
   counts the resync by reason and logs it; the next book is a snapshot;
 - a feed that falls behind the exchange is never served as ``connected``:
@@ -33,6 +36,7 @@ from caspian.codes import Stream, StreamState
 from caspian.events import BookEvent, Event, Level, StatusEvent, TradeEvent
 from caspian.metrics import LIVE_LAG, RESYNCS, STREAM_STATE, UPSTREAM_RECONNECTS
 from caspian.sources.base import EventSink
+from caspian.sources.integrity import IntegrityError
 from caspian.timefmt import now_us
 
 log = logging.getLogger("caspian.sources.live")
@@ -82,6 +86,7 @@ class SymbolFeed:
     ) -> None:
         """The whole book (microsecond ``exchange_ts``): it replaces the one held."""
         self.book.apply_snapshot(bids, asks)
+        self._refuse_crossed()
         self.synced = True
         self.lagging = False
         self._floor_us = None
@@ -95,6 +100,7 @@ class SymbolFeed:
     ) -> None:
         """Levels of the exchange's own diff (size 0 removes): the changes to the top go out."""
         bid_changes, ask_changes = self.book.apply_diff_top(bids, asks, self.depth)
+        self._refuse_crossed()
         self._changed(bid_changes, ask_changes, exchange_ts)
 
     def view(self, view: BookView, exchange_ts: int | None = None) -> None:
@@ -153,6 +159,13 @@ class SymbolFeed:
             LIVE_LAG.remove(self.exchange, self.symbol)
 
     # -- rules -----------------------------------------------------------------
+
+    def _refuse_crossed(self) -> None:
+        """A crossed book is never served: the client resyncs instead."""
+        if self.book.crossed():
+            raise IntegrityError(
+                "crossed", f"best bid {self.book.best_bid()} >= best ask {self.book.best_ask()}"
+            )
 
     def _changed(
         self, bid_changes: list[Level], ask_changes: list[Level], exchange_ts: int | None

@@ -1,0 +1,141 @@
+"""Binance's own client under load: a feed that outruns its consumer, and bursts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from caspian.codes import Stream, StreamState
+from caspian.events import BookEvent, Event, StatusEvent
+from caspian.sources.live import LiveSource
+from tests.support.mock_exchanges import BinanceMock
+from tests.test_live import (
+    ASKS,
+    BIDS,
+    MARKETS,
+    PRODUCTS,
+    VENUES,
+    Collector,
+    sample,
+    synced,
+    until,
+)
+
+BINANCE = next(venue for venue in VENUES if venue.code == "BINANCE")
+SYMBOL = BINANCE.symbol
+
+
+class SlowCollector(Collector):
+    """A consumer that needs ``cost_s`` of the event loop for every book event."""
+
+    def __init__(self, cost_s: float) -> None:
+        super().__init__()
+        self.cost_s = cost_s
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, BookEvent):
+            time.sleep(self.cost_s)
+        super().__call__(event)
+
+
+@contextlib.asynccontextmanager
+async def binance(collector: Collector, **options: Any) -> AsyncIterator[BinanceMock]:
+    mock = BinanceMock()
+    mock.set_book(BIDS, ASKS)
+    await mock.start()
+    source = LiveSource(
+        ["BINANCE"],
+        PRODUCTS.get,
+        urls={"BINANCE": BINANCE.urls(mock)},
+        markets={"BINANCE": MARKETS["BINANCE"]},
+        depth=10,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        **options,
+    )
+    task = asyncio.create_task(source.run(collector))
+    try:
+        source.watch(SYMBOL)
+        await until(lambda: synced(collector, mock))
+        yield mock
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await mock.stop()
+
+
+def top_changes(count: int) -> list[tuple[list[tuple[float, float]], list[tuple[float, float]]]]:
+    """``count`` updates that each resize the best bid, so that each is a change to the top."""
+    return [([(99.0, 1.0 + i % 7)], []) for i in range(count)]
+
+
+async def test_a_feed_that_outruns_its_consumer_is_shown_down_then_sent_whole() -> None:
+    collector = SlowCollector(cost_s=0.004)
+    async with binance(collector, max_lag_s=0.3) as mock:
+        labels = {"exchange": "BINANCE", "symbol": SYMBOL, "reason": "lag"}
+        outages = sample("caspian_resyncs_total", **labels)
+        mark = len(collector.events)
+        # 500 changes published at once take the consumer 2 s: well past the bound.
+        await mock.burst(top_changes(500))
+        await until(
+            lambda: any(
+                isinstance(e, StatusEvent)
+                and e.stream is Stream.DEPTH
+                and e.state is StreamState.DISCONNECTED
+                for e in collector.since(mark)
+            ),
+            within=10,
+        )
+        assert sample("caspian_resyncs_total", **labels) == outages + 1
+        # Shown down, the feed spends nothing on clients and catches up; the
+        # first change stamped within the bound brings the whole book back.
+        await asyncio.sleep(0.5)
+        await mock.update(bids=[(98.5, 4.0)])
+        await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+        since = [e for e in collector.since(mark) if isinstance(e, BookEvent)]
+        assert len(since) < 400, "the lagging changes were not all sent"
+        assert any(e.snapshot for e in since)
+        assert sample("caspian_live_lag_seconds", exchange="BINANCE", symbol=SYMBOL) < 0.15
+
+
+async def test_a_burst_does_not_hold_the_event_loop() -> None:
+    # 0.1 ms of work per change: 5,000 changes read in one go would hold the loop 0.5 s.
+    collector = SlowCollector(cost_s=0.0001)
+    async with binance(collector) as mock:
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.create_task(ticker())
+        try:
+            await mock.burst(top_changes(5000))
+            await until(lambda: synced(collector, mock), within=20)
+        finally:
+            task.cancel()
+        assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_a_crossed_book_is_never_sent_and_is_rebuilt() -> None:
+    collector = Collector()
+    async with binance(collector) as mock:
+        labels = {"exchange": "BINANCE", "symbol": SYMBOL, "reason": "crossed"}
+        resyncs = sample("caspian_resyncs_total", **labels)
+        mark = len(collector.events)
+        # A bid above the best ask, in a message whose ids follow on.
+        await mock.update(bids=[(100.5, 1.0)])
+        await until(lambda: sample("caspian_resyncs_total", **labels) > resyncs)
+        books = [e for e in collector.since(mark) if isinstance(e, BookEvent)]
+        assert not any((100.5, 1.0) in e.bids for e in books if not e.snapshot)
+        # The exchange's book is crossed too: it stays so until the bid goes.
+        await mock.update(bids=[(100.5, 0.0)])
+        await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
