@@ -22,8 +22,11 @@ def row(exchange: Exchange) -> str:
 
 
 def table() -> str:
-    head = "| code | exchange | reached through | book checks | notes |\n| --- | --- | --- | --- | --- |"
-    return "\n".join([head, *(row(exchange) for exchange in EXCHANGES)])
+    head = [
+        "| code | exchange | reached through | book checks | notes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    return "\n".join([*head, *(row(exchange) for exchange in EXCHANGES)])
 
 
 def test_the_readme_lists_every_exchange_as_the_registry_does() -> None:
