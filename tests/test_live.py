@@ -370,6 +370,16 @@ def books_since(collector: Collector, mark: int) -> list[BookEvent]:
     return [e for e in collector.since(mark) if isinstance(e, BookEvent)]
 
 
+def went_down(collector: Collector, mark: int) -> bool:
+    """Whether the depth stream was set ``disconnected`` since event ``mark``."""
+    return any(
+        isinstance(e, StatusEvent)
+        and e.stream is Stream.DEPTH
+        and e.state is StreamState.DISCONNECTED
+        for e in collector.since(mark)
+    )
+
+
 def synced(collector: Collector, mock: MockExchange) -> bool:
     return collector.ready and collector.view() == mock.top(DEPTH)
 
@@ -540,14 +550,7 @@ async def test_untrustworthy_book_is_rebuilt_not_served(venue: Venue) -> None:
             # A corrupt message: a bid above the best ask.
             await mock.send_changes(bids=[(100.5, 1.0)])
         # Seen in the events: a resync without a reconnect may be over before a poll.
-        await until(
-            lambda: any(
-                isinstance(e, StatusEvent)
-                and e.stream is Stream.DEPTH
-                and e.state is StreamState.DISCONNECTED
-                for e in c.since(mark)
-            )
-        )
+        await until(lambda: went_down(c, mark))
         if venue.resubscribes_on_resync:
             await mock.wait_subscribes(venue.book_channel, 2)
         await until(lambda: synced(c, mock) and c.all(StreamState.CONNECTED))

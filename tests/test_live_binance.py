@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from caspian.codes import Stream, StreamState
-from caspian.events import BookEvent, Event, StatusEvent
+from caspian.codes import StreamState
+from caspian.events import BookEvent, Event
 from caspian.sources.live import LiveSource
 from tests.support.mock_exchanges import BinanceMock
 from tests.test_live import (
@@ -22,6 +22,7 @@ from tests.test_live import (
     sample,
     synced,
     until,
+    went_down,
 )
 
 BINANCE = next(venue for venue in VENUES if venue.code == "BINANCE")
@@ -81,15 +82,7 @@ async def test_a_feed_that_outruns_its_consumer_is_shown_down_then_sent_whole() 
         mark = len(collector.events)
         # 500 changes published at once take the consumer 2 s: well past the bound.
         await mock.burst(top_changes(500))
-        await until(
-            lambda: any(
-                isinstance(e, StatusEvent)
-                and e.stream is Stream.DEPTH
-                and e.state is StreamState.DISCONNECTED
-                for e in collector.since(mark)
-            ),
-            within=10,
-        )
+        await until(lambda: went_down(collector, mark), within=10)
         assert sample("caspian_resyncs_total", **labels) == outages + 1
         # Shown down, the feed spends nothing on clients and catches up; the
         # first change stamped within the bound brings the whole book back.

@@ -344,3 +344,52 @@ class PoloniexChain:
                     f"the last one seen is {self._last}",
                 )
             self._last = item.get("id")
+
+
+def _js_text(value: float) -> str:
+    """A number as Bitfinex's JSON, written by JavaScript, has it: ``100``, ``99.5``."""
+    return format(Decimal(repr(float(value))).normalize(), "f")
+
+
+def bitfinex_checksum(bids: Sequence[Sequence[float]], asks: Sequence[Sequence[float]]) -> int:
+    """Bitfinex's signed CRC32 of the top 25 bids and asks, interleaved.
+
+    Bid price, bid amount, ask price, ask amount (negative), level by level,
+    joined by colons.
+    """
+    parts: list[str] = []
+    for i in range(25):
+        if i < len(bids):
+            parts += [_js_text(bids[i][0]), _js_text(bids[i][1])]
+        if i < len(asks):
+            parts += [_js_text(asks[i][0]), _js_text(-asks[i][1])]
+    crc = zlib.crc32(":".join(parts).encode())
+    return crc - 2**32 if crc >= 2**31 else crc
+
+
+def is_bitfinex_checksum(message: Any) -> bool:
+    """Whether a raw message is a ``book`` checksum, ``[chanId, "cs", n]``."""
+    return (
+        isinstance(message, list)
+        and len(message) == 3
+        and message[1] == "cs"
+        and isinstance(message[2], int)
+    )
+
+
+class BitfinexChecksum:
+    """Bitfinex sends a book's checksum in a message of its own, after the changes.
+
+    ccxt checks it too, but then only drops its book and rejects the book
+    watcher, so that the session would end a message later; this check ends
+    it on the checksum message itself.
+    """
+
+    def __call__(self, message: Any, book: Mapping[str, Any] | None) -> None:
+        if not is_bitfinex_checksum(message):
+            return
+        if book is None:
+            raise IntegrityError("checksum", f"checksum {message[2]} failed: ccxt dropped its book")
+        actual = bitfinex_checksum(book["bids"], book["asks"])
+        if actual != message[2]:
+            raise IntegrityError("checksum", f"checksum {actual} != exchange's {message[2]}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from caspian.sources.integrity import (
+    BitfinexChecksum,
     BookCheck,
     DeribitSequence,
     KrakenChecksum,
@@ -48,6 +49,10 @@ class Adapter:
     #: What ccxt's ChecksumError means here: some ccxt exchanges raise it on
     #: update-id gaps.
     checksum_reason: str = "checksum"
+    #: Where a change's check comes in a later message (Bitfinex's checksums):
+    #: whether a raw message settles the book. Changes then go out only on
+    #: such a message, once the check passed, not on the message making them.
+    settles: Callable[[Any], bool] | None = None
 
 
 async def coinbase_book(exchange: Any, symbol: str, limit: int | None) -> Any:
@@ -111,4 +116,26 @@ def coinone_taker_side(message: Any) -> Any:
         data = message.get("data")
         if isinstance(data, dict) and isinstance(data.get("is_seller_maker"), bool):
             return {**message, "data": {**data, "is_seller_maker": not data["is_seller_maker"]}}
+    return message
+
+
+def bitfinex_check(market: Mapping[str, Any]) -> BookCheck:
+    return BitfinexChecksum()
+
+
+def bitfinex_without_history(message: Any) -> Any:
+    """Bitfinex's ``trades`` channel opens with its latest trades: history.
+
+    That snapshot is ``[chanId, [[id, mts, amount, price], ...]]``; a book
+    snapshot's rows have three fields.
+    """
+    if (
+        isinstance(message, list)
+        and len(message) == 2
+        and isinstance(message[1], list)
+        and message[1]
+        and isinstance(message[1][0], list)
+        and len(message[1][0]) == 4
+    ):
+        return [message[0], []]
     return message

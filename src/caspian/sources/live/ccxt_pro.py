@@ -242,7 +242,11 @@ class _Symbol:
                     return None
                 market = found
                 exchange.set_markets_from_exchange(loader)
-            self._hook(exchange, session, market)
+            try:
+                self._hook(exchange, session, market)
+            except Exception as exc:
+                # A symbol whose session cannot even start must say so and retry.
+                return _Ended(_reason(exc, self._adapter), exc)
             tasks = [
                 asyncio.create_task(self._guard(session, self._books(exchange, session))),
                 asyncio.create_task(self._guard(session, self._trades(exchange, session))),
@@ -259,6 +263,7 @@ class _Symbol:
         """Sees every raw message of the connection: the watchdog, the checks and the diffs."""
         handle = exchange.handle_message
         prepare = self._adapter.prepare
+        settles = self._adapter.settles
         check = self._adapter.check(market) if self._adapter.check is not None else None
         loop = asyncio.get_running_loop()
         market_symbol = self._market_symbol
@@ -277,7 +282,7 @@ class _Symbol:
                 if check is not None:
                     orderbooks = getattr(exchange, "orderbooks", None)
                     check(message, orderbooks.get(market_symbol) if orderbooks else None)
-                if session.streaming:
+                if session.streaming and (settles is None or settles(message)):
                     top, stamp_ms = view(market_symbol, depth)
                     if top is not None:
                         _refuse_crossed(top)

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from caspian.sources.integrity import KucoinSequence, OkxChecksum
+from caspian.sources.integrity import KucoinSequence, OkxChecksum, is_bitfinex_checksum
 from caspian.sources.live.adapter import (
     Adapter,
+    bitfinex_check,
+    bitfinex_without_history,
     coinbase_book,
     coinone_taker_side,
     deribit_check,
@@ -87,8 +89,9 @@ EXCHANGES: tuple[Exchange, ...] = (
         "binance",
         "binance",
         checks=("update-id chain U/u against the REST snapshot (Caspian)", _CROSSED),
-        notes="Diff depth @100ms after a REST snapshot; one connection for every watched "
-        "symbol, subscribed and unsubscribed on the fly.",
+        notes="Spot: diff depth @100ms after a REST snapshot, one connection for every "
+        "watched symbol, subscribed and unsubscribed on the fly. Futures and perpetuals: "
+        "ccxt.pro, which checks their update ids.",
     ),
     Exchange(
         "BITFINEX",
@@ -96,8 +99,15 @@ EXCHANGES: tuple[Exchange, ...] = (
         "bitfinex",
         "bitfinex",
         CCXT,
-        Adapter("bitfinex"),
-        checks=("CRC32 checksum of the top 25 (ccxt)", _CROSSED),
+        Adapter(
+            "bitfinex",
+            # 25 levels a side unless asked for 100, the most Bitfinex sends.
+            book_limit=100,
+            prepare=bitfinex_without_history,
+            check=bitfinex_check,
+            settles=is_bitfinex_checksum,
+        ),
+        checks=("CRC32 checksum of the top 25 (ccxt and Caspian)", _CROSSED),
     ),
     Exchange(
         "BITFLYER",
@@ -113,7 +123,8 @@ EXCHANGES: tuple[Exchange, ...] = (
         "bithumb",
         "bithumb",
         CCXT,
-        Adapter("bithumb"),
+        # Bithumb sends its latest trade on subscribing unless asked not to.
+        Adapter("bithumb", trade_params={"is_only_realtime": True}),
         checks=(_CROSSED,),
     ),
     Exchange(
