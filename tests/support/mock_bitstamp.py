@@ -22,10 +22,10 @@ So the mock's market keeps moving far below the top, every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 
@@ -49,18 +49,9 @@ class BitstampMock(MockExchange):
         self.micros = time.time_ns() // 1000
         self._trade_ids = itertools.count(108_637_852)
         self._order_ids = itertools.count(1_207_590_500_704_256)
-        self._activity: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await super().start()
-        self._activity = asyncio.create_task(self._market())
-
-    async def stop(self) -> None:
-        if self._activity is not None:
-            self._activity.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._activity
-        await super().stop()
+    def activity(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._market()]
 
     async def _market(self) -> None:
         price, size = ACTIVITY_BID

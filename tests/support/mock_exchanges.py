@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from http import HTTPStatus
@@ -74,6 +74,7 @@ class MockExchange:
         self._stalled: set[ServerConnection] = set()
         self._server: Server | None = None
         self._changed = asyncio.Event()
+        self._activity: list[asyncio.Task[None]] = []
 
     # -- server ------------------------------------------------------------
 
@@ -81,8 +82,11 @@ class MockExchange:
         self._server = await serve(
             self._serve, "127.0.0.1", 0, process_request=self._http, ping_interval=None
         )
+        self._activity = [asyncio.create_task(work) for work in self.activity()]
 
     async def stop(self) -> None:
+        self.hush()
+        await asyncio.gather(*self._activity, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -150,6 +154,15 @@ class MockExchange:
                 await self.send(connection, message)
 
     # -- what subclasses speak ------------------------------------------------
+
+    def activity(self) -> list[Coroutine[Any, Any, None]]:
+        """What the exchange does by itself while it serves (a ticking market): nothing here."""
+        return []
+
+    def hush(self) -> None:
+        """The market goes quiet: its own activity stops."""
+        for task in self._activity:
+            task.cancel()
 
     async def on_connect(self, connection: ServerConnection) -> None:
         """Messages the exchange sends unasked when a connection opens."""

@@ -17,7 +17,7 @@ import contextlib
 import gzip
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -47,18 +47,9 @@ class HtxMock(MockExchange):
         # Numbers a message's seqNum and sends it as one step, so that the
         # blank updates of the ticker never overtake a change.
         self._sequencing = asyncio.Lock()
-        self._ticker: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await super().start()
-        self._ticker = asyncio.create_task(self._tick())
-
-    async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-        await super().stop()
+    def activity(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._tick()]
 
     async def send(self, connection: ServerConnection, message: Any) -> None:
         # HTX's legacy trade ids exceed 64 bits, which orjson refuses to write.

@@ -22,11 +22,10 @@ going every ``activity_s`` unless that is None.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -60,27 +59,12 @@ class KucoinMock(MockExchange):
         #: ``ping`` messages received, over all connections.
         self.pings = 0
         self._trade_ids = itertools.count(11_067_996_711_960_577)
-        self._activity: asyncio.Task[None] | None = None
         # One level2 message at a time goes out to all connections, so that
         # every connection gets them in sequence order.
         self._publishing = asyncio.Lock()
 
-    async def start(self) -> None:
-        await super().start()
-        if self.activity_s is not None:
-            self._activity = asyncio.create_task(self._busy(self.activity_s))
-
-    async def stop(self) -> None:
-        if self._activity is not None:
-            self._activity.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._activity
-        await super().stop()
-
-    def hush(self) -> None:
-        """The market goes quiet: no more activity."""
-        if self._activity is not None:
-            self._activity.cancel()
+    def activity(self) -> list[Coroutine[Any, Any, None]]:
+        return [] if self.activity_s is None else [self._busy(self.activity_s)]
 
     async def _busy(self, period_s: float) -> None:
         """An order placed, then cancelled, far from the top, again and again."""
