@@ -230,7 +230,9 @@ class BinanceClient:
             for start in range(0, len(streams), _STREAMS_PER_REQUEST):
                 ids += 1
                 params = list(streams[start : start + _STREAMS_PER_REQUEST])
-                await ws.send(orjson.dumps({"method": method, "params": params, "id": ids}))
+                # A text frame, as Binance's API is documented with.
+                request = {"method": method, "params": params, "id": ids}
+                await ws.send(orjson.dumps(request).decode())
                 if method == "SUBSCRIBE":
                     self._sync_all(params)
                 await asyncio.sleep(_CONTROL_GAP_S)

@@ -77,7 +77,9 @@ class SymbolFeed:
         self._stopped = False
         for stream in STREAMS:
             STREAM_STATE.labels(exchange, symbol, stream.value).set(0)
-        LIVE_LAG.labels(exchange, symbol).set(0)
+        # Looked up once: a labelled child costs a dict lookup and a lock per call.
+        self._lag_gauge = LIVE_LAG.labels(exchange, symbol)
+        self._lag_gauge.set(0)
 
     # -- from the exchange's client --------------------------------------------
 
@@ -187,7 +189,7 @@ class SymbolFeed:
         if self._floor_us is None or delay < self._floor_us:
             self._floor_us = delay
         self.lag_us = lag = delay - self._floor_us
-        LIVE_LAG.labels(self.exchange, self.symbol).set(lag / 1_000_000)
+        self._lag_gauge.set(lag / 1_000_000)
         if not self.lagging and lag > self._max_lag_us:
             self.lagging = True
             RESYNCS.labels(self.exchange, self.symbol, "lag").inc()

@@ -15,14 +15,16 @@ How an exchange is reached (:attr:`Exchange.client`):
   diffs directly;
 - None: not streamed, :attr:`Exchange.notes` says why.
 
-The choice was made by measurement (bench/bench_live.py, bench/README.md): on
-a Binance-format feed ccxt.pro alone spent 56-70 µs of CPU per event at 10k
-events/s, cryptofeed 17-24 µs, and orjson plus a dict book 10-17 µs. ccxt
-rebuilds its own book on every message and cannot unsubscribe on most
-exchanges, so the busiest exchange, Binance, has Caspian's own client with
-shared connections; the others stay on ccxt.pro, whose per-message cost is
-well below their rates. ccxt remains the source of reference data for all of
-them.
+The choice was made by measurement. Before this package, on a Binance-format
+feed, ccxt.pro alone spent 56-70 µs of CPU per event at 10k events/s,
+cryptofeed 17-24 µs, orjson plus a dict book 10-17 µs; ccxt rebuilds its own
+book on every message and cannot unsubscribe on most exchanges. So the
+busiest exchange, Binance, has Caspian's own client with a shared
+connection; the others stay on ccxt.pro. bench/bench_live.py measures the
+whole service (source, gateway and a Level2 subscriber) against cryptofeed:
+80-94 µs per event at 10k events/s against 32-40 µs, saturating at 13-16k
+events/s against 37-49k (bench/README.md): the gap is still open. ccxt
+remains the source of reference data for all of them.
 
 This module imports neither ccxt nor any client, so the catalog stays cheap
 to import.
