@@ -478,6 +478,8 @@ def test_serve_with_a_configured_signing_key(data_dir: Path) -> None:
         ({"CASPIAN_JWT_SECRET": "too-short"}, "at least 32 characters"),
         ({"CASPIAN_SOURCE": "carrier-pigeon"}, "unsupported source"),
         ({"CASPIAN_REUSE_PORT": "maybe"}, "reuse_port"),
+        ({"CASPIAN_LIVE_MAX_LAG_S": "0"}, "live_max_lag_s"),
+        ({"CASPIAN_SOURCE": "live:CEX"}, "cannot stream CEX live"),
     ],
 )
 def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], expected: str) -> None:

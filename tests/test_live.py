@@ -484,6 +484,20 @@ async def test_book_follows_the_exchange(venue: Venue) -> None:
 
 
 @pytest.mark.parametrize("venue", VENUES, ids=by_code)
+async def test_every_change_goes_out_however_fast_they_come(venue: Venue) -> None:
+    """Changes published back to back each reach the sink, none merged into the next."""
+    async with streaming(venue) as (source, c, mock):
+        await started(venue, source, c, mock)
+        mark = len(c.events)
+        sizes = [1.5 + i * 0.25 for i in range(30)]
+        for size in sizes:
+            await mock.update(bids=[(99.0, size)])
+        await until(lambda: synced(c, mock))
+        seen = [size for e in books_since(c, mark) for price, size in e.bids if price == 99.0]
+        assert seen == sizes
+
+
+@pytest.mark.parametrize("venue", VENUES, ids=by_code)
 async def test_trades_carry_the_exchange_fields(venue: Venue) -> None:
     async with streaming(venue) as (source, c, mock):
         await started(venue, source, c, mock)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from caspian.codes import StreamState
 from caspian.events import BookEvent, Event
 from caspian.sources.live import LiveSource
+from caspian.sources.live import binance as binance_client
 from tests.support.mock_exchanges import BinanceMock
 from tests.test_live import (
     ASKS,
@@ -19,6 +23,7 @@ from tests.test_live import (
     PRODUCTS,
     VENUES,
     Collector,
+    books_since,
     sample,
     synced,
     until,
@@ -132,3 +137,86 @@ async def test_a_crossed_book_is_never_sent_and_is_rebuilt() -> None:
         # The exchange's book is crossed too: it stays so until the bid goes.
         await mock.update(bids=[(100.5, 0.0)])
         await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+
+
+async def test_a_feed_that_falls_quiet_after_a_burst_comes_back_by_itself() -> None:
+    collector = SlowCollector(cost_s=0.004)
+    async with binance(collector, max_lag_s=0.3) as mock:
+        mark = len(collector.events)
+        await mock.burst(top_changes(500))
+        await until(lambda: went_down(collector, mark), within=10)
+        # No change comes after the burst: the drained connection is enough,
+        # within a tick (max_lag_s / 4) of the backlog being read.
+        await until(
+            lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock), within=5
+        )
+
+
+async def test_requests_go_out_as_text_frames() -> None:
+    async with binance(Collector()) as mock:
+        assert mock.subscribes["depth"] == 1
+        assert mock.binary_frames == 0
+
+
+async def test_unreadable_messages_rebuild_their_symbol_and_spare_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    collector = Collector()
+    async with binance(collector) as mock:
+        labels = {"exchange": "BINANCE", "symbol": SYMBOL, "reason": "error"}
+        errors = sample("caspian_resyncs_total", **labels)
+        mark = len(collector.events)
+        with caplog.at_level(logging.WARNING, logger="caspian.sources.live"):
+            for text in (
+                "not json",
+                '{"e": "depthUpdate", "s": "NOPE"}',
+                '{"e": "depthUpdate", "s": "BTCUSDT", "U": 1, "u": "x", "E": 1}',
+                "[1, 2]",
+            ):
+                for connection in list(mock.connections):
+                    await mock.send_text(connection, text)
+            await until(lambda: sample("caspian_resyncs_total", **labels) > errors)
+        assert "cannot be read" in caplog.text
+        await mock.update(bids=[(98.5, 2.0)])
+        await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+        assert books_since(collector, mark)[0].snapshot
+        # The connection went on: no second subscription.
+        assert mock.subscribes["depth"] == 1
+
+
+async def test_events_wait_in_bounded_memory_while_the_snapshot_does_not_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(binance_client, "_MAX_BUFFERED", 50)
+    mock = BinanceMock()
+    mock.set_book(BIDS, ASKS)
+    mock.snapshots_refused = True
+    await mock.start()
+    collector = Collector()
+    source = LiveSource(
+        ["BINANCE"],
+        PRODUCTS.get,
+        urls={"BINANCE": BINANCE.urls(mock)},
+        markets={"BINANCE": MARKETS["BINANCE"]},
+        depth=10,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    task = asyncio.create_task(source.run(collector))
+    try:
+        source.watch(SYMBOL)
+        await mock.wait_subscribes("depth")
+        await mock.burst(top_changes(300))
+        await asyncio.sleep(0.5)
+        client = source._clients["BINANCE"][0]
+        assert isinstance(client, binance_client.BinanceClient)
+        assert len(client._symbols["BTCUSDT"].buffer) == 50
+        assert not collector.ready
+        mock.snapshots_refused = False
+        await mock.update(bids=[(98.5, 2.0)])
+        await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await mock.stop()

@@ -180,3 +180,19 @@ def test_a_feed_behind_the_bound_is_disconnected_then_sent_whole_when_caught_up(
     # And it goes on with diffs.
     feed.trade(100.0, 1.0, "2", {}, clock.now - skew)
     assert isinstance(client.events[-1], TradeEvent)
+
+
+def test_a_drained_connection_brings_a_lagging_feed_back_whole() -> None:
+    feed, client, clock = make(max_lag_s=2.0)
+    feed.snapshot(BIDS, ASKS)
+    feed.drained()
+    assert client.up() and len(client.events) == 4, "drained changes nothing on a current feed"
+    feed.diff([(100.0, 2.0)], [], clock.now)
+    clock.now += 3_000_000
+    feed.diff([(99.0, 5.0)], [], clock.now - 2_500_000)
+    assert not client.up()
+    mark = len(client.events)
+    feed.drained()
+    snapshot = client.events[mark]
+    assert isinstance(snapshot, BookEvent) and snapshot.snapshot
+    assert client.up() and client.book.top(5) == feed.book.top(5)

@@ -70,6 +70,8 @@ class MockExchange:
         self.refusing = False
         #: WebSocket handshakes attempted, refused ones included.
         self.handshakes = 0
+        #: Binary frames received: exchanges document text frames for requests.
+        self.binary_frames = 0
         self._channels: dict[ServerConnection, set[str]] = {}
         self._stalled: set[ServerConnection] = set()
         self._server: Server | None = None
@@ -133,7 +135,9 @@ class MockExchange:
             async for raw in connection:
                 if connection in self._stalled:
                     continue
-                if isinstance(raw, str) and await self.on_text(connection, raw):
+                if isinstance(raw, bytes):
+                    self.binary_frames += 1
+                elif await self.on_text(connection, raw):
                     continue
                 message = orjson.loads(raw)
                 self.received.append(message)
@@ -570,10 +574,12 @@ class BinanceMock(MockExchange):
         super().__init__()
         self.market_id = market_id
         self.update_id = 1_000
+        #: Set: the depth snapshot is answered 404, as by a REST API in trouble.
+        self.snapshots_refused = False
         self._trade_ids = itertools.count(12_345)
 
     def rest_answer(self, path: str, query: str) -> Any:
-        if path == "/api/v3/depth":
+        if path == "/api/v3/depth" and not self.snapshots_refused:
             bids, asks = self.top(1000)
             return {
                 "lastUpdateId": self.update_id,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -40,7 +40,7 @@ from caspian.events import Level
 from caspian.sources.integrity import IntegrityError
 from caspian.sources.live.adapter import Adapter
 from caspian.sources.live.feed import SymbolFeed
-from caspian.sources.live.source import Backoff, merged
+from caspian.sources.live.source import DRAINED_S, Backoff, merged, watchdog
 
 if TYPE_CHECKING:
     from caspian.catalog.product import ProductSpec
@@ -67,6 +67,9 @@ _STREAMS_PER_REQUEST = 200
 #: Concurrent REST snapshot requests: a reconnect of many symbols must not
 #: spend the IP's request weight in one burst.
 _SNAPSHOTS_AT_ONCE = 4
+#: Diff events a symbol keeps while its snapshot is on its way: memory stays
+#: bounded when the REST API is slow or down.
+_MAX_BUFFERED = 10_000
 #: Messages read before yielding to the event loop.
 _YIELD_EVERY = 32
 
@@ -82,6 +85,27 @@ def _levels(raw: Iterable[Any]) -> list[Level]:
     return [(float(price), float(size)) for price, size, *_ in raw]
 
 
+class _Diff(NamedTuple):
+    """One ``depthUpdate`` event, read."""
+
+    first: int
+    last: int
+    #: The event time, in microseconds.
+    time_us: int
+    bids: list[Level]
+    asks: list[Level]
+
+
+def _diff(event: dict[str, Any]) -> _Diff:
+    return _Diff(
+        int(event["U"]),
+        int(event["u"]),
+        int(event["E"]) * 1000,
+        _levels(event["b"]),
+        _levels(event["a"]),
+    )
+
+
 class _Symbol:
     """One spot symbol on the connection: its feed and where its book stands."""
 
@@ -95,7 +119,7 @@ class _Symbol:
         #: The last update id applied; None while the book is being synced.
         self.last_update: int | None = None
         #: Diff events received while the snapshot is on its way.
-        self.buffer: list[dict[str, Any]] = []
+        self.buffer: list[_Diff] = []
         self.snapshot_task: asyncio.Task[None] | None = None
 
 
@@ -116,6 +140,10 @@ class BinanceClient:
         self._http: aiohttp.ClientSession | None = None
         self._snapshots = asyncio.Semaphore(_SNAPSHOTS_AT_ONCE)
         self._last_message = 0.0
+        self._connected_at: float | None = None
+        #: Whether the last event read was within the lag bound.
+        self._current = True
+        self._last_complaint = 0.0
         self._derivatives: SymbolSessions | None = None
         self._derivatives_task: asyncio.Task[None] | None = None
 
@@ -155,10 +183,9 @@ class BinanceClient:
         backoff = Backoff(self._source)
         try:
             while True:
-                started = loop.time()
-                streamed = False
+                self._connected_at = None
                 try:
-                    streamed = await self._connection()
+                    await self._connection()
                 except asyncio.CancelledError:
                     raise
                 except IntegrityError as exc:
@@ -167,7 +194,8 @@ class BinanceClient:
                     self._down("disconnect", exc)
                 except Exception as exc:
                     self._down("error", exc, traceback=True)
-                await backoff.wait(loop.time() - started if streamed else 0.0)
+                connected = self._connected_at
+                await backoff.wait(0.0 if connected is None else loop.time() - connected)
                 for symbol in self._symbols.values():
                     symbol.feed.reconnecting()
         finally:
@@ -190,8 +218,8 @@ class BinanceClient:
 
     # -- the connection ----------------------------------------------------------
 
-    async def _connection(self) -> bool:
-        """Streams until the connection fails; whether it got as far as streaming."""
+    async def _connection(self) -> None:
+        """Streams until the connection fails, which it raises."""
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         # Whatever was queued for the last connection is in the full subscribe below.
@@ -200,11 +228,15 @@ class BinanceClient:
             self._ws_url, ping_interval=None, close_timeout=1.0, max_size=2**24
         ) as ws:
             self._ws = ws
+            self._connected_at = asyncio.get_running_loop().time()
             tasks = [
                 asyncio.create_task(self._read(ws)),
                 asyncio.create_task(self._send_control(ws)),
             ]
-            tasks.append(asyncio.create_task(self._watchdog(tasks[0])))
+            self._last_message = asyncio.get_running_loop().time()
+            tasks.append(
+                asyncio.create_task(watchdog(self._source, lambda: self._last_message, self._tick))
+            )
             try:
                 streams = tuple(s for symbol in self._symbols.values() for s in symbol.streams)
                 if streams:
@@ -221,7 +253,6 @@ class BinanceClient:
                     if symbol.snapshot_task is not None:
                         symbol.snapshot_task.cancel()
                         symbol.snapshot_task = None
-        return True
 
     async def _send_control(self, ws: ClientConnection) -> None:
         ids = 0
@@ -253,52 +284,71 @@ class BinanceClient:
         count = 0
         async for raw in ws:
             self._last_message = loop.time()
-            message = orjson.loads(raw)
-            kind = message.get("e")
-            if kind == "depthUpdate":
-                symbol = symbols.get(message["s"])
-                if symbol is not None:
-                    self._depth(symbol, message)
-            elif kind == "trade":
-                symbol = symbols.get(message["s"])
-                if symbol is not None:
-                    self._trade(symbol, message)
-            elif "error" in message:
-                log.error("Binance refused a request: %s", message["error"])
+            symbol = None
+            try:
+                message = orjson.loads(raw)
+                kind = message.get("e")
+                if kind == "depthUpdate":
+                    symbol = symbols.get(message["s"])
+                    if symbol is not None:
+                        self._depth(symbol, _diff(message))
+                elif kind == "trade":
+                    symbol = symbols.get(message["s"])
+                    if symbol is not None:
+                        self._trade(symbol, message)
+                elif "error" in message:
+                    log.error("Binance refused a request: %s", message["error"])
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+                self._malformed(raw, exc, symbol)
             count += 1
             if count % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         raise ConnectionError("Binance closed the connection")
 
-    async def _watchdog(self, reader: asyncio.Task[None]) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self._source.stall_timeout_s
-        self._last_message = loop.time()
-        while not reader.done():
-            silent = loop.time() - self._last_message
-            if silent >= timeout:
-                raise IntegrityError("stall", f"no message for {silent:.1f} s")
-            await asyncio.sleep(timeout - silent)
+    def _malformed(self, raw: str | bytes, exc: Exception, symbol: _Symbol | None) -> None:
+        """A message Caspian cannot read: its symbol, if known, is rebuilt; the others go on.
+
+        Logged at most once a second, so that a feed of garbage cannot flood the log.
+        """
+        if symbol is not None:
+            symbol.feed.down("error", f"a message that cannot be read: {exc!r}")
+            self._resync(symbol)
+        now = asyncio.get_running_loop().time()
+        if now - self._last_complaint >= 1.0:
+            self._last_complaint = now
+            log.warning("Binance sent a message that cannot be read (%r): %.200r", exc, raw)
+
+    def _tick(self, silent: float) -> None:
+        """Events go through the connection in order: once it is drained, or the last
+        event read was current, every symbol held back for lag is current too."""
+        if silent >= DRAINED_S or self._current:
+            for symbol in self._symbols.values():
+                symbol.feed.drained()
 
     # -- books and trades --------------------------------------------------------
 
-    def _depth(self, symbol: _Symbol, event: dict[str, Any]) -> None:
+    def _depth(self, symbol: _Symbol, event: _Diff) -> None:
         last = symbol.last_update
         if last is None:
             symbol.buffer.append(event)
+            if len(symbol.buffer) > _MAX_BUFFERED:
+                # The snapshot is slow in coming: the oldest events go, and the
+                # snapshot, when it comes, must then be newer than the first kept.
+                del symbol.buffer[: len(symbol.buffer) - _MAX_BUFFERED]
             return
-        if event["u"] <= last:
+        if event.last <= last:
             return
-        if event["U"] > last + 1:
+        if event.first > last + 1:
             symbol.feed.down(
-                "sequence", f"update ids {event['U']}-{event['u']} follow {last}: a hole"
+                "sequence", f"update ids {event.first}-{event.last} follow {last}: a hole"
             )
             symbol.buffer.append(event)
             self._resync(symbol)
             return
-        symbol.last_update = event["u"]
+        symbol.last_update = event.last
         try:
-            symbol.feed.diff(_levels(event["b"]), _levels(event["a"]), event["E"] * 1000)
+            symbol.feed.diff(event.bids, event.asks, event.time_us)
+            self._current = not symbol.feed.lagging
         except IntegrityError as exc:
             symbol.feed.down(exc.reason, exc)
             self._resync(symbol)
@@ -325,15 +375,14 @@ class BinanceClient:
         while symbol.last_update is None:
             try:
                 async with self._snapshots:
-                    book = await self._fetch(symbol.market_id)
+                    last, bids, asks = await self._fetch(symbol.market_id)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("Binance %s: no snapshot (%s), retrying", symbol.market_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._source.backoff_max_s)
                 continue
-            last = int(book["lastUpdateId"])
-            pending = [event for event in symbol.buffer if event["u"] > last]
-            if pending and pending[0]["U"] > last + 1:
+            pending = [event for event in symbol.buffer if event.last > last]
+            if pending and pending[0].first > last + 1:
                 # The snapshot is older than the first event kept: a newer one is needed.
                 symbol.buffer = pending
                 await asyncio.sleep(delay)
@@ -341,7 +390,7 @@ class BinanceClient:
             symbol.buffer = []
             symbol.last_update = last
             try:
-                symbol.feed.snapshot(_levels(book["bids"]), _levels(book["asks"]))
+                symbol.feed.snapshot(bids, asks)
             except IntegrityError as exc:
                 symbol.feed.down(exc.reason, exc)
                 symbol.last_update = None
@@ -351,16 +400,18 @@ class BinanceClient:
             for event in pending:
                 self._depth(symbol, event)
 
-    async def _fetch(self, market_id: str) -> dict[str, Any]:
+    async def _fetch(self, market_id: str) -> tuple[int, list[Level], list[Level]]:
+        """The REST snapshot: its last update id and its levels; ValueError if unreadable."""
         assert self._http is not None
         url = f"{self._rest_url}/depth"
         params = {"symbol": market_id, "limit": str(SNAPSHOT_LEVELS)}
         async with self._http.get(url, params=params) as response:
             response.raise_for_status()
-            book: dict[str, Any] = orjson.loads(await response.read())
-        if not isinstance(book, dict) or "lastUpdateId" not in book:
-            raise ValueError(f"not a depth snapshot: {str(book)[:200]}")
-        return book
+            book = orjson.loads(await response.read())
+        try:
+            return int(book["lastUpdateId"]), _levels(book["bids"]), _levels(book["asks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a depth snapshot ({exc!r}): {str(book)[:200]}") from None
 
     def _down(self, reason: str, cause: BaseException, *, traceback: bool = False) -> None:
         for symbol in self._symbols.values():

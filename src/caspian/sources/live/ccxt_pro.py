@@ -51,7 +51,7 @@ from caspian.book import BookView
 from caspian.sources.integrity import IntegrityError
 from caspian.sources.live.adapter import Adapter
 from caspian.sources.live.feed import SymbolFeed
-from caspian.sources.live.source import Backoff, close_quietly, merged
+from caspian.sources.live.source import DRAINED_S, Backoff, close_quietly, merged, watchdog
 from caspian.timefmt import now_us
 
 if TYPE_CHECKING:
@@ -250,7 +250,12 @@ class _Symbol:
             tasks = [
                 asyncio.create_task(self._guard(session, self._books(exchange, session))),
                 asyncio.create_task(self._guard(session, self._trades(exchange, session))),
-                asyncio.create_task(self._guard(session, self._watchdog(session))),
+                asyncio.create_task(
+                    self._guard(
+                        session,
+                        watchdog(sessions.source, lambda: session.last_message, self._tick),
+                    )
+                ),
             ]
             return await session.ended
         finally:
@@ -317,6 +322,10 @@ class _Symbol:
 
         return ccxt_view
 
+    def _tick(self, silent: float) -> None:
+        if silent >= DRAINED_S:
+            self._feed.drained()
+
     async def _guard(self, session: _Session, work: Awaitable[None]) -> None:
         try:
             await work
@@ -324,15 +333,6 @@ class _Symbol:
             raise
         except Exception as exc:
             session.end(_reason(exc, self._adapter), exc)
-
-    async def _watchdog(self, session: _Session) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self._sessions.source.stall_timeout_s
-        while True:
-            silent = loop.time() - session.last_message
-            if silent >= timeout:
-                raise IntegrityError("stall", f"no message for {silent:.1f} s")
-            await asyncio.sleep(timeout - silent)
 
     async def _books(self, exchange: Any, session: _Session) -> None:
         """Subscribes the book, sends the first one, then surfaces ccxt's errors.

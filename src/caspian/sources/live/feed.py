@@ -15,7 +15,8 @@ them into normalized events by one set of rules:
   each change's exchange time stamp is compared with the clock, and past
   ``max_lag_s`` the streams go ``disconnected`` (reason ``lag``) while the
   book goes on being kept; once the lag is back under half the bound, the
-  whole top goes out again as a snapshot, then ``connected``.
+  whole top goes out again as a snapshot, then ``connected``; so it does
+  when the client finds its connection drained (:meth:`SymbolFeed.drained`).
 
 The lag is the delay of a change from the exchange's stamp to now, less the
 smallest delay seen since the book was last synced: that floor absorbs a
@@ -203,14 +204,24 @@ class SymbolFeed:
             )
             self._set_streams(StreamState.DISCONNECTED)
         elif self.lagging and lag * 2 <= self._max_lag_us:
-            self.lagging = False
-            log.warning(
-                "%s %s: caught up (%.3f s behind): sending the whole book again",
-                self.exchange,
-                self.symbol,
-                lag / 1_000_000,
-            )
-            self._send_top(exchange_ts)
+            self._catch_up(f"{lag / 1_000_000:.3f} s behind", exchange_ts)
+
+    def drained(self) -> None:
+        """The client has read all its connection held: a feed held back for lag is current.
+
+        Without this, a symbol that falls quiet right after a burst would stay
+        ``disconnected`` until its next change.
+        """
+        if self.lagging and self.synced and not self._stopped:
+            self._lag_gauge.set(0)
+            self._catch_up("nothing left to read", None)
+
+    def _catch_up(self, why: str, exchange_ts: int | None) -> None:
+        self.lagging = False
+        log.warning(
+            "%s %s: caught up (%s): sending the whole book again", self.exchange, self.symbol, why
+        )
+        self._send_top(exchange_ts)
 
     def _send_top(self, exchange_ts: int | None) -> None:
         if self.lagging:

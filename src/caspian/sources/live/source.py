@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from caspian.sources.base import EventSink, Source
+from caspian.sources.integrity import IntegrityError
 from caspian.sources.live.feed import SymbolFeed
 from caspian.sources.live.registry import BY_CODE, Exchange, parse_exchanges
 
@@ -180,6 +181,31 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
     """
     ceiling = min(maximum, initial * 2.0 ** min(attempt, 32))
     return rng.uniform(ceiling / 2.0, ceiling)
+
+
+#: A connection with nothing read for this long has nothing left to read: a
+#: feed held back for lag on it is current again.
+DRAINED_S = 0.1
+
+
+async def watchdog(
+    source: LiveSource, last_message: Callable[[], float], tick: Callable[[float], None]
+) -> None:
+    """Ends a connection silent for ``stall_timeout_s`` (``stall``), heartbeats included.
+
+    Until then it calls ``tick`` with the silence so far every
+    ``max_lag_s / 4`` at most, for the client to tell its lagging feeds that
+    the connection is drained (:meth:`SymbolFeed.drained`).
+    """
+    loop = asyncio.get_running_loop()
+    timeout = source.stall_timeout_s
+    interval = source.max_lag_s / 4
+    while True:
+        silent = loop.time() - last_message()
+        if silent >= timeout:
+            raise IntegrityError("stall", f"no message for {silent:.1f} s")
+        tick(silent)
+        await asyncio.sleep(min(timeout - silent, interval))
 
 
 class Backoff:
