@@ -16,9 +16,21 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+#: The whole seconds last formatted, and their text: every Level2 message
+#: carries two time stamps, mostly within the same second, and building a
+#: datetime for each was a tenth of the live path's time.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def format_us(us: int) -> str:
     """``1528445624653000`` -> ``"2018-06-08T08:13:44.653000"``."""
-    return (_EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    global _last_second
+    second, micros = divmod(us, 1_000_000)
+    cached, text = _last_second
+    if second != cached:
+        text = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{micros:06d}"
 
 
 def format_dt(dt: datetime) -> str:
