@@ -16,7 +16,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def test_format_us_writes_what_datetime_writes(stamps: list[int]) -> None:
     # Runs of stamps, some within one second, so that the cached second is
     # both reused and replaced.
-    for us in stamps + [stamps[0] + 1, stamps[0] + 999_999, stamps[0] - 1]:
+    for us in [*stamps, stamps[0] + 1, stamps[0] + 999_999, stamps[0] - 1]:
         expected = (EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%f")
         assert format_us(us) == expected
         assert parse_us(format_us(us)) == us
