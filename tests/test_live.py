@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import REGISTRY
 from websockets.exceptions import ConnectionClosed
 
-from caspian.book import OrderBook
+from caspian.book import BookView, OrderBook
 from caspian.catalog.builtin import builtin_markets, builtin_products
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.codes import Stream, StreamState
@@ -655,7 +655,8 @@ async def test_a_book_woken_after_its_session_failed_is_not_sent() -> None:
     adapter = dataclasses.replace(kraken, watch_book=book_then_failed_check)
     sessions = SymbolSessions(LiveSource(["KRAKEN"], PRODUCTS.get), "KRAKEN", adapter)
     feed = SymbolFeed("KRAKEN", "FX-BTC/USD=KRAKEN", events.append, depth=DEPTH, max_lag_s=2.0)
-    await _Symbol(sessions, feed, "BTC/USD")._books(None, session)
+    book = BookView(((99.0, 1.0),), ((100.0, 1.0),))
+    await _Symbol(sessions, feed, "BTC/USD")._books(None, session, lambda: (book, None))
     assert events == []
 
 

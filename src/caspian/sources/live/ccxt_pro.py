@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("caspian.sources.live")
 
+#: The top levels of a session's book and their exchange time in microseconds.
+_ReadTop = Callable[[], tuple[BookView | None, int | None]]
+
 #: Trades older than the session by more than this are the history some
 #: exchanges replay on subscribing, already sent in an earlier session.
 _HISTORY_TOLERANCE_MS = 10_000
@@ -242,13 +245,16 @@ class _Symbol:
                     return None
                 market = found
                 exchange.set_markets_from_exchange(loader)
+            read_top = self._reader_of(exchange)
             try:
-                self._hook(exchange, session, market)
+                self._hook(exchange, session, market, read_top)
             except Exception as exc:
                 # A symbol whose session cannot even start must say so and retry.
                 return _Ended(_reason(exc, self._adapter), exc)
             tasks = [
-                asyncio.create_task(self._guard(session, self._books(exchange, session))),
+                asyncio.create_task(
+                    self._guard(session, self._books(exchange, session, read_top))
+                ),
                 asyncio.create_task(self._guard(session, self._trades(exchange, session))),
                 asyncio.create_task(
                     self._guard(
@@ -264,7 +270,9 @@ class _Symbol:
             await asyncio.gather(*tasks, return_exceptions=True)
             sessions.close_later(exchange)
 
-    def _hook(self, exchange: Any, session: _Session, market: Mapping[str, Any]) -> None:
+    def _hook(
+        self, exchange: Any, session: _Session, market: Mapping[str, Any], read_top: _ReadTop
+    ) -> None:
         """Sees every raw message of the connection: the watchdog, the checks and the diffs."""
         handle = exchange.handle_message
         prepare = self._adapter.prepare
@@ -272,9 +280,7 @@ class _Symbol:
         check = self._adapter.check(market) if self._adapter.check is not None else None
         loop = asyncio.get_running_loop()
         market_symbol = self._market_symbol
-        view = self._view_of(exchange)
         feed = self._feed
-        depth = feed.depth
 
         def on_message(client: Any, message: Any) -> None:
             if session.over:
@@ -288,10 +294,9 @@ class _Symbol:
                     orderbooks = getattr(exchange, "orderbooks", None)
                     check(message, orderbooks.get(market_symbol) if orderbooks else None)
                 if session.streaming and (settles is None or settles(message)):
-                    top, stamp_ms = view(market_symbol, depth)
+                    top, exchange_ts = read_top()
                     if top is not None:
-                        _refuse_crossed(top)
-                        feed.view(top, stamp_ms * 1000 if stamp_ms is not None else None)
+                        feed.view(top, exchange_ts)
             except Exception as exc:
                 # An exception escaping here would stop ccxt's receive loop
                 # for good, leaving a silent connection behind.
@@ -299,28 +304,29 @@ class _Symbol:
 
         exchange.handle_message = on_message
 
-    def _view_of(
-        self, exchange: Any
-    ) -> Callable[[str, int], tuple[BookView | None, int | None]]:
-        native_view: Callable[[str, int], tuple[BookView | None, int | None]] | None = getattr(
-            exchange, "view", None
+    def _reader_of(self, exchange: Any) -> _ReadTop:
+        """Reads the top ``depth`` levels of the exchange object's book, with its time."""
+        symbol = self._market_symbol
+        depth = self._feed.depth
+        native_view: Callable[[str, int], tuple[BookView | None, int | None]] | None = (
+            getattr(exchange, "view", None) if self._sessions.native else None
         )
-        if self._sessions.native and native_view is not None:
-            return native_view
 
-        def ccxt_view(symbol: str, depth: int) -> tuple[BookView | None, int | None]:
-            book = exchange.orderbooks.get(symbol)
-            if book is None:
-                return None, None
-            return (
-                BookView(
+        def read_top() -> tuple[BookView | None, int | None]:
+            if native_view is not None:
+                top, stamp_ms = native_view(symbol, depth)
+            else:
+                book = exchange.orderbooks.get(symbol)
+                if book is None:
+                    return None, None
+                top = BookView(
                     tuple([(level[0], level[1]) for level in book["bids"][:depth]]),
                     tuple([(level[0], level[1]) for level in book["asks"][:depth]]),
-                ),
-                book.get("timestamp"),
-            )
+                )
+                stamp_ms = book.get("timestamp")
+            return top, None if stamp_ms is None else int(stamp_ms) * 1000
 
-        return ccxt_view
+        return read_top
 
     def _tick(self, silent: float) -> None:
         if silent >= DRAINED_S:
@@ -334,7 +340,7 @@ class _Symbol:
         except Exception as exc:
             session.end(_reason(exc, self._adapter), exc)
 
-    async def _books(self, exchange: Any, session: _Session) -> None:
+    async def _books(self, exchange: Any, session: _Session, read_top: _ReadTop) -> None:
         """Subscribes the book, sends the first one, then surfaces ccxt's errors.
 
         The later books reach the feed from the message hook, one message at
@@ -343,7 +349,6 @@ class _Symbol:
         """
         watch = self._adapter.watch_book
         limit = self._adapter.book_limit
-        view = self._view_of(exchange)
         while True:
             await watch(exchange, self._market_symbol, limit)
             if session.over:
@@ -352,12 +357,11 @@ class _Symbol:
                 return
             if session.streaming:
                 continue
-            top, stamp_ms = view(self._market_symbol, self._feed.depth)
+            top, exchange_ts = read_top()
             if top is None:
                 continue
-            _refuse_crossed(top)
+            self._feed.snapshot(top.bids, top.asks, exchange_ts)
             session.streaming = True
-            self._feed.snapshot(top.bids, top.asks, stamp_ms * 1000 if stamp_ms else None)
 
     async def _trades(self, exchange: Any, session: _Session) -> None:
         fields = self._adapter.info_fields
@@ -384,13 +388,6 @@ class _Symbol:
                     trade_info(trade, fields),
                     int(timestamp) * 1000 if timestamp is not None else None,
                 )
-
-
-def _refuse_crossed(top: BookView) -> None:
-    if top.bids and top.asks and top.bids[0][0] >= top.asks[0][0]:
-        raise IntegrityError(
-            "crossed", f"best bid {top.bids[0][0]} >= best ask {top.asks[0][0]}"
-        )
 
 
 def _reason(exc: BaseException, adapter: Adapter) -> str:

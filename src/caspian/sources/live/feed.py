@@ -6,9 +6,9 @@ them into normalized events by one set of rules:
 
 - a book goes out as a snapshot of its top ``depth`` levels, then the three
   streams ``connected``, then only the changes to that top;
-- a crossed book is never sent: :meth:`SymbolFeed.snapshot` and
-  :meth:`SymbolFeed.diff` raise :class:`IntegrityError` (``crossed``) instead,
-  for the client to resync;
+- a crossed book is never sent: :meth:`SymbolFeed.snapshot`,
+  :meth:`SymbolFeed.diff` and :meth:`SymbolFeed.view` raise
+  :class:`IntegrityError` (``crossed``) instead, for the client to resync;
 - a failure (``down``) sends the three streams ``disconnected`` at once,
   counts the resync by reason and logs it; the next book is a snapshot;
 - a feed that falls behind the exchange is never served as ``connected``:
@@ -116,6 +116,7 @@ class SymbolFeed:
         bid_changes = [(price, size) for price, size, side in changes if side == "bid"]
         ask_changes = [(price, size) for price, size, side in changes if side == "ask"]
         self.book.apply_diff(bid_changes, ask_changes)
+        self._refuse_crossed()
         self._changed(bid_changes, ask_changes, exchange_ts)
 
     def trade(
