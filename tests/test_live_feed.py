@@ -7,10 +7,11 @@ import logging
 import pytest
 from prometheus_client import REGISTRY
 
-from caspian.book import BookView, OrderBook
-from caspian.codes import Stream, StreamState
-from caspian.events import BookEvent, Event, StatusEvent, TradeEvent
+from caspian.book import BookView
+from caspian.codes import StreamState
+from caspian.events import BookEvent, StatusEvent, TradeEvent
 from caspian.sources.live.feed import SymbolFeed
+from tests.test_live import Collector
 
 SYMBOL = "FX-BTC/USDT=BINANCE"
 BIDS = [(100.0 - i, 1.0) for i in range(10)]
@@ -25,27 +26,11 @@ class Clock:
         return self.now
 
 
-class Client:
+class Client(Collector):
     """Applies the feed's events as the gateway does."""
 
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.book = OrderBook()
-        self.states = dict.fromkeys(Stream, StreamState.DISCONNECTED)
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if isinstance(event, BookEvent):
-            if event.snapshot:
-                self.book.apply_snapshot(event.bids, event.asks)
-            else:
-                assert self.states[Stream.DEPTH] is StreamState.CONNECTED, "a diff while down"
-                self.book.apply_diff(event.bids, event.asks)
-        elif isinstance(event, StatusEvent):
-            self.states[event.stream] = event.state
-
     def up(self) -> bool:
-        return all(state is StreamState.CONNECTED for state in self.states.values())
+        return self.all(StreamState.CONNECTED)
 
     def downs(self) -> int:
         return sum(
