@@ -48,10 +48,10 @@ class SlowCollector(Collector):
 
 
 @contextlib.asynccontextmanager
-async def binance(collector: Collector, **options: Any) -> AsyncIterator[BinanceMock]:
-    mock = BinanceMock()
-    mock.set_book(BIDS, ASKS)
-    await mock.start()
+async def watching(
+    collector: Collector, mock: BinanceMock, **options: Any
+) -> AsyncIterator[LiveSource]:
+    """A live Binance source on ``mock``, watching SYMBOL."""
     source = LiveSource(
         ["BINANCE"],
         PRODUCTS.get,
@@ -65,12 +65,24 @@ async def binance(collector: Collector, **options: Any) -> AsyncIterator[Binance
     task = asyncio.create_task(source.run(collector))
     try:
         source.watch(SYMBOL)
-        await until(lambda: synced(collector, mock))
-        yield mock
+        yield source
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def binance(collector: Collector, **options: Any) -> AsyncIterator[BinanceMock]:
+    """A mock Binance and a source on it, once the source holds its book."""
+    mock = BinanceMock()
+    mock.set_book(BIDS, ASKS)
+    await mock.start()
+    try:
+        async with watching(collector, mock, **options):
+            await until(lambda: synced(collector, mock))
+            yield mock
+    finally:
         await mock.stop()
 
 
@@ -193,30 +205,17 @@ async def test_events_wait_in_bounded_memory_while_the_snapshot_does_not_come(
     mock.snapshots_refused = True
     await mock.start()
     collector = Collector()
-    source = LiveSource(
-        ["BINANCE"],
-        PRODUCTS.get,
-        urls={"BINANCE": BINANCE.urls(mock)},
-        markets={"BINANCE": MARKETS["BINANCE"]},
-        depth=10,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.2,
-    )
-    task = asyncio.create_task(source.run(collector))
     try:
-        source.watch(SYMBOL)
-        await mock.wait_subscribes("depth")
-        await mock.burst(top_changes(300))
-        await asyncio.sleep(0.5)
-        client = source._clients["BINANCE"][0]
-        assert isinstance(client, binance_client.BinanceClient)
-        assert len(client._symbols["BTCUSDT"].buffer) == 50
-        assert not collector.ready
-        mock.snapshots_refused = False
-        await mock.update(bids=[(98.5, 2.0)])
-        await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+        async with watching(collector, mock) as source:
+            await mock.wait_subscribes("depth")
+            await mock.burst(top_changes(300))
+            await asyncio.sleep(0.5)
+            client = source._clients["BINANCE"][0]
+            assert isinstance(client, binance_client.BinanceClient)
+            assert len(client._symbols["BTCUSDT"].buffer) == 50
+            assert not collector.ready
+            mock.snapshots_refused = False
+            await mock.update(bids=[(98.5, 2.0)])
+            await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await mock.stop()
