@@ -1,40 +1,46 @@
 """Live-ingest benchmark: Caspian's live Binance source against cryptofeed, in one run.
 
-Run as ``python bench/bench_live.py`` (1 to 2 minutes; the first run also
+Run as ``python bench/bench_live.py`` (about 2 minutes; the first run also
 installs cryptofeed into a virtual environment under /tmp, see
-``--cryptofeed-python``). Both consumers read the same local Binance
+``--cryptofeed-python``). Every consumer reads the same local Binance
 (``binance_feed.py``: REST depth snapshots and WebSocket diff-depth streams in
 Binance's spot protocol, on 127.0.0.1) serving the same seeded market of
 ``--symbols`` books of about 1,000 levels a side, one consumer after the
 other, each alone on its core:
 
-- **Caspian**, started as a user starts it: ``caspian serve`` with
+- **caspian**, started as a user starts it: ``caspian serve`` with
   ``CASPIAN_SOURCE=live:BINANCE`` and ``CASPIAN_LIVE_URLS`` pointing Binance
   at the local server; one client (this script) opens one WebSocket to
   ``/v1/stream`` and subscribes Level2 (20 levels, conflation None) of every
   symbol, keeping each book as the protocol intends;
+- **caspian-source**, Caspian's live source alone, what the service spends
+  before its gateway: ``LiveSource(["BINANCE"], ...)`` in a process of its
+  own, with the service's addresses, depth (100) and lag bound, watching
+  every symbol, its sink recording only what the latency and the count
+  need (no hub, no Level2, no client);
 - **cryptofeed**, the peer: its ``Binance`` feed's ``L2_BOOK`` channel for the
   same symbols, with a callback that only counts, pointed at the local server
   by a subclass overriding its endpoints.
 
 The server sends a warm-up step, then a ladder of rising rates (events a
 second over all symbols), each step for ``--step-seconds``, then waits until
-the consumer has caught up (at most ``--drain-seconds``). Per step it
-measures the consumer process's CPU time per event (utime + stime from
-``/proc``), the events it consumed a second while the step lasted, and the
-latency from the event's send to the client (Caspian: to this script's
-read of the Level2 message; cryptofeed: to its callback). Events carry their
-send millisecond as ``E``; the server records the microsecond its writes of
-each millisecond began, which is what latency is taken from. For Caspian it
-also counts the Level2 updates received against the events that changed a
-top 20, whether each client book equals the server's top 20 once caught up,
-``depthStream`` ``disconnected`` statuses and upstream resyncs. A consumer is
-saturated when it uses 95% of its core, consumes less than 95% of what is
-offered while the step lasts, or has not caught up after it; its ladder
-stops at the first saturated step at or above ``--compare-rate`` (the rate
-of the CPU comparison), or at once if a backlog is left over. Ratios
-Caspian/cryptofeed come from the same run, so that the drifting noise of a
-shared machine touches both alike.
+the consumer has caught up (at most ``--drain-seconds``). Per step it measures
+the consumer process's CPU time per event (utime + stime from ``/proc``), the
+events it consumed a second while the step lasted, and the latency from the
+event's send to the client (Caspian: to this script's read of the Level2
+message; its source alone: to its sink; cryptofeed: to its callback). Events
+carry their send millisecond as ``E``; the server records the microsecond its
+writes of each millisecond began, which is what latency is taken from. For
+Caspian it also counts the Level2 updates received against the events that
+changed a top 20, whether each client book equals the server's top 20 once
+caught up, ``depthStream`` ``disconnected`` statuses and upstream resyncs (its
+source alone: whether its books' top 20 equal the server's, and its depth
+``disconnected`` statuses and resyncs). A consumer is saturated when it uses
+95% of its core, consumes less than 95% of what is offered while the step
+lasts, or has not caught up after it; its ladder stops at the first saturated
+step at or above ``--compare-rate`` (the rate of the CPU comparison), or at
+once if a backlog is left over. Ratios to cryptofeed come from the same run,
+so that the drifting noise of a shared machine touches every consumer alike.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from typing import Any, cast
 import orjson
 
 from binance_feed import BASES, QUOTE, TOP, FeedProcess, Market, StepRecord, Top, generate
+from caspian.catalog.product import ProductSpec
 from caspian.timefmt import parse_us
 from loadgen import (
     Placement,
@@ -99,6 +106,8 @@ IDLE_PROBE_S = 0.5
 IDLE_SHARE = 0.1
 #: How often a consumer's catching up is checked after a step.
 POLL_S = 0.02
+#: The lag bound of ``caspian serve`` (CASPIAN_LIVE_MAX_LAG_S) unless ``--max-lag``.
+LIVE_MAX_LAG_S = 2.0
 
 
 def caspian_code(base: str) -> str:
@@ -154,7 +163,7 @@ class StepResult:
                 drained += f"; every event read and idle {self.processed_s:.2f} s"
             drained += ")"
         text = (
-            f"{self.consumer:>10} {self.rate:8,.0f}/s: offered {self.offered_per_s:8,.0f}/s, "
+            f"{self.consumer:>14} {self.rate:8,.0f}/s: offered {self.offered_per_s:8,.0f}/s, "
             f"consumed {'~' if self.consumed_estimated else ''}{self.consumed_per_s:,.0f}/s, "
             f"{self.cpu_us_per_event:6.1f} µs/event, "
             f"CPU {self.cpu_share:4.0%}"
@@ -173,6 +182,10 @@ class StepResult:
             )
         elif self.books_equal is not None:
             text += f", books equal {self.books_equal}/{self.symbols}"
+        if self.updates is None and self.disconnected is not None:
+            text += f", disconnected {self.disconnected}" + (
+                f" (still {self.stale} at the end)" if self.stale else ""
+            )
         text += f", snapshots served {self.snapshots}"
         if self.resyncs:
             text += f", resyncs {self.resyncs}"
@@ -211,6 +224,32 @@ def event_ms_by_symbol(
         for i in range(firsts[tick], firsts[tick + 1]):
             by_symbol[symbols[i]].append(ms)
     return by_symbol
+
+
+def consumed_by_newest(
+    market: Market,
+    record: StepRecord,
+    step: int,
+    until_us: int,
+    symbol: Sequence[int],
+    sent_ms: Sequence[int],
+    received_us: Sequence[int],
+) -> int:
+    """Events of the step whose ``E`` is at most the newest ``E`` read for their symbol by
+    ``until_us``, from what a consumer read since the step began (in order: the
+    symbol's index, its ``E``, when it was read).
+
+    For a consumer that passes an event on only when it changed its top N:
+    the count trails by the events of a symbol since its last change there.
+    """
+    info = market.steps[step]
+    by_symbol = event_ms_by_symbol(market, record, info.start, info.stop)
+    newest = [0] * len(by_symbol)
+    for index, ms, received in zip(symbol, sent_ms, received_us, strict=True):
+        if received > until_us:
+            break
+        newest[index] = max(newest[index], ms)
+    return sum(bisect.bisect_right(times, ms) for times, ms in zip(by_symbol, newest, strict=True))
 
 
 # -- consumer A: Caspian ---------------------------------------------------------------
@@ -375,14 +414,9 @@ def truth_books(tops: Sequence[Top]) -> list[dict[tuple[str, float], float]]:
     return books
 
 
-def markets_file(path: Path, bases: Sequence[str]) -> bool:
-    """Writes ccxt markets for the Binance spot symbols the built-in catalog lacks.
-
-    The file holds every built-in Binance market too: ``caspian serve`` seeds
-    the built-in products only of exchanges that have none, so an import of
-    the new symbols alone would leave the built-in ones out. False when
-    nothing is missing.
-    """
+def binance_markets(bases: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Caspian's built-in ccxt markets of Binance, plus spot ``BASE/USDT`` for each of
+    ``bases`` they lack (made from BTC/USDT's), and the bases that were added."""
     from caspian.catalog.builtin import builtin_markets
 
     markets = dict(builtin_markets()["BINANCE"])
@@ -396,8 +430,48 @@ def markets_file(path: Path, bases: Sequence[str]) -> bool:
         )
         market["info"].update(symbol=name, baseAsset=base)
         markets[f"{base}/{QUOTE}"] = market
+    return markets, missing
+
+
+def markets_file(path: Path, bases: Sequence[str]) -> bool:
+    """Writes ccxt markets for the Binance spot symbols the built-in catalog lacks.
+
+    The file holds every built-in Binance market too: ``caspian serve`` seeds
+    the built-in products only of exchanges that have none, so an import of
+    the new symbols alone would leave the built-in ones out. False when
+    nothing is missing.
+    """
+    markets, missing = binance_markets(bases)
     path.write_text(json.dumps(markets))
     return bool(missing)
+
+
+def binance_products(bases: Sequence[str]) -> dict[str, ProductSpec]:
+    """The spot products of ``bases`` by Caspian code, as the service's catalog holds them
+    once ``markets_file``'s markets are imported."""
+    from caspian.catalog.ccxt_markets import products_from_ccxt
+
+    codes = {caspian_code(base) for base in bases}
+    products = products_from_ccxt("BINANCE", binance_markets(bases)[0])
+    return {product.caspian_code: product for product in products if product.caspian_code in codes}
+
+
+def live_urls(feed_port: int, ws_path: str) -> dict[str, Any]:
+    """``CASPIAN_LIVE_URLS`` pointing Binance at the local feed, in ccxt's urls layout
+    (CONTRACT.md section 7): the spot raw-stream endpoint and the REST root. A
+    source that loads markets through ccxt also asks the futures APIs, which
+    must not leave the machine either."""
+    http, ws = f"http://127.0.0.1:{feed_port}", f"ws://127.0.0.1:{feed_port}"
+    return {
+        "BINANCE": {
+            "api": {
+                "ws": {"spot": ws + ws_path},
+                "public": http + "/api/v3",
+                "fapiPublic": http + "/fapi/v1",
+                "dapiPublic": http + "/dapi/v1",
+            }
+        }
+    }
 
 
 def _rest_json(url: str, token: str | None = None) -> Any:
@@ -504,20 +578,7 @@ class Caspian(Consumer):
     async def start(self, feed: FeedProcess) -> None:
         loop = asyncio.get_running_loop()
         key = await loop.run_in_executor(None, self._prepare)
-        # CASPIAN_LIVE_URLS in ccxt's urls layout (CONTRACT.md section 7): the
-        # spot raw-stream endpoint and the REST root. A source that loads
-        # markets through ccxt also asks the futures APIs, which must not
-        # leave the machine either.
-        urls = {
-            "BINANCE": {
-                "api": {
-                    "ws": {"spot": feed.ws_url + self.args.ws_path},
-                    "public": feed.http_url + "/api/v3",
-                    "fapiPublic": feed.http_url + "/fapi/v1",
-                    "dapiPublic": feed.http_url + "/dapi/v1",
-                }
-            }
-        }
+        urls = live_urls(feed.port, self.args.ws_path)
         env = {"CASPIAN_SOURCE": "live:BINANCE", "CASPIAN_LIVE_URLS": json.dumps(urls)}
         if self.args.max_lag is not None:
             env["CASPIAN_LIVE_MAX_LAG_S"] = str(self.args.max_lag)
@@ -579,25 +640,20 @@ class Caspian(Consumer):
         )
 
     def consumed(self, record: StepRecord, step: int, until_us: int, drained: bool) -> int:
-        """Events of the step whose ``E`` is at most the newest ``E`` read for their symbol.
-
-        Caspian sends a symbol's update only when its top 20 changed, so the
-        count trails by the events of a symbol since its last top-20 change.
-        """
-        info = self.market.steps[step]
+        """Caspian sends a symbol's update only when its top 20 changed: see
+        :func:`consumed_by_newest`."""
         if drained:
-            return info.events
+            return self.market.steps[step].events
         assert self.client is not None
-        by_symbol = event_ms_by_symbol(self.market, record, info.start, info.stop)
-        newest = [0] * len(by_symbol)
         client = self.client
-        for position in range(self._mark, len(client.symbol)):
-            if client.received_us[position] > until_us:
-                break
-            index = client.symbol[position]
-            newest[index] = max(newest[index], client.sent_ms[position])
-        return sum(
-            bisect.bisect_right(times, ms) for times, ms in zip(by_symbol, newest, strict=True)
+        return consumed_by_newest(
+            self.market,
+            record,
+            step,
+            until_us,
+            client.symbol[self._mark :],
+            client.sent_ms[self._mark :],
+            client.received_us[self._mark :],
         )
 
     def extra(self, step: int, times: SendTimes) -> dict[str, Any]:
@@ -863,6 +919,250 @@ def run_cryptofeed(port: int, symbols: int, log: str) -> None:
     loop.run_forever()
 
 
+# -- consumer C: Caspian's live source alone ---------------------------------------
+
+
+class CaspianSource(Consumer):
+    """Caspian's ``LiveSource`` for Binance in a process of its own, its sink a no-op.
+
+    What the service spends before its gateway: the same source, addresses,
+    depth and lag bound as ``caspian serve`` is given, without the hub, the
+    Level2 views and the client. Commands and answers go as with cryptofeed's
+    runner (``--source-runner``).
+    """
+
+    name = "caspian-source"
+
+    def __init__(self, args: argparse.Namespace, work: Path, market: Market, place: Placement):
+        self.args = args
+        self.work = work
+        self.market = market
+        self.place = place
+        self.log = work / "caspian-source.log"
+        self._popen: subprocess.Popen[str] | None = None
+        self._symbol: list[int] = []
+        self._sent: list[int] = []
+        self._received: list[int] = []
+        self._statuses: list[tuple[int, int, str]] = []
+        self._resyncs: dict[str, int] = {}
+        self._dump_resyncs: dict[str, int] = {}
+
+    async def start(self, feed: FeedProcess) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._launch, feed.port)
+        self._resyncs = self._ask("dump")["resyncs"]
+
+    def _launch(self, port: int) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--source-runner", str(port)]
+        command += ["--symbols", str(len(self.market.ids)), "--ws-path", self.args.ws_path]
+        command += ["--runner-log", str(self.log)]
+        if self.args.max_lag is not None:
+            command += ["--max-lag", str(self.args.max_lag)]
+        with open(self.work / "caspian-source.stderr", "w") as stderr:
+            self._popen = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=self.work,
+                preexec_fn=self.place.apply,
+            )
+        self.process = Server(self.name, cast(subprocess.Popen[bytes], self._popen), "", None)
+        self._ask("status")
+
+    def _ask(self, command: str) -> dict[str, Any]:
+        assert self._popen is not None and self._popen.stdin and self._popen.stdout
+        self._popen.stdin.write(command + "\n")
+        self._popen.stdin.flush()
+        line = self._popen.stdout.readline()
+        if not line:
+            errors = (self.work / "caspian-source.stderr").read_text(errors="replace")
+            raise RuntimeError(f"the caspian-source runner stopped:\n{errors[-2000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def caught_up(
+        self, tops: Sequence[Top], last_ids: Sequence[int]
+    ) -> tuple[bool, int | None]:
+        """Every event applied, and no symbol held back for lag (its output is current)."""
+        status = self._ask("status")
+        done = status["down"] == 0 and all(
+            status["last_update"].get(name) == last
+            for name, last in zip(self.market.ids, last_ids, strict=True)
+        )
+        if not done:
+            return False, None
+        got_tops = self._ask("tops")
+        equal = 0
+        for name, (bids, asks) in zip(self.market.ids, tops, strict=True):
+            want = [
+                [[price / 100, lots / 100_000] for price, lots in bids],
+                [[price / 100, lots / 100_000] for price, lots in asks],
+            ]
+            equal += got_tops.get(name) == want
+        return True, equal
+
+    def _collect(self) -> None:
+        dump = self._ask("dump")
+        self._symbol += dump["symbol"]
+        self._sent += dump["sent_ms"]
+        self._received += dump["received_us"]
+        self._statuses += [(us, index, state) for us, index, state in dump["statuses"]]
+        self._dump_resyncs = dump["resyncs"]
+
+    def mark(self) -> None:
+        self._collect()
+        self._symbol, self._sent, self._received, self._statuses = [], [], [], []
+
+    def received(self) -> tuple[list[int], list[int]]:
+        self._collect()
+        return self._sent, self._received
+
+    def consumed(self, record: StepRecord, step: int, until_us: int, drained: bool) -> int:
+        """The source emits a symbol's change only when its top 100 changed: see
+        :func:`consumed_by_newest`."""
+        if drained:
+            return self.market.steps[step].events
+        self._collect()
+        return consumed_by_newest(
+            self.market, record, step, until_us, self._symbol, self._sent, self._received
+        )
+
+    def extra(self, step: int, times: SendTimes) -> dict[str, Any]:
+        self._collect()
+        now = self._dump_resyncs
+        delta = {
+            reason: count - self._resyncs.get(reason, 0)
+            for reason, count in now.items()
+            if count != self._resyncs.get(reason, 0)
+        }
+        self._resyncs = now
+        return {
+            "disconnected": sum(state == "disconnected" for _, _, state in self._statuses),
+            "resyncs": delta,
+        }
+
+    def stale(self) -> int | None:
+        down: int = self._ask("status")["down"]
+        return down
+
+    def stop(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            with contextlib.suppress(OSError):
+                self._popen.send_signal(signal.SIGTERM)
+        super().stop()
+
+    def warnings(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text(errors="replace").splitlines() if line]
+
+
+def run_source(port: int, symbols: int, ws_path: str, max_lag: float, log: str) -> None:
+    """The caspian-source consumer's process (``--source-runner``).
+
+    ``LiveSource(["BINANCE"], ...)`` as ``caspian serve`` makes it (depth 100,
+    the default; the stdlib event loop, as ``caspian serve`` runs on), its
+    sink recording, per change, only the symbol, its ``E`` (from the event's
+    ``exchange_ts``) and when it came, as cryptofeed's callback does. The
+    commands look into the source (last update id applied and book of each
+    symbol) only when asked, between events.
+    """
+    import logging
+
+    from caspian.codes import Stream, StreamState
+    from caspian.events import BookEvent, Event, StatusEvent
+    from caspian.metrics import RESYNCS
+    from caspian.sources.live import LiveSource
+
+    logging.basicConfig(
+        filename=log, level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    bases = BASES[:symbols]
+    products = binance_products(bases)
+    codes = [caspian_code(base) for base in bases]
+    index = {code: number for number, code in enumerate(codes)}
+    symbol = array("H")
+    sent_ms = array("q")
+    received_us = array("q")
+    statuses: list[tuple[int, int, str]] = []
+    depth, disconnected = Stream.DEPTH, StreamState.DISCONNECTED
+
+    def sink(event: Event) -> None:
+        if type(event) is BookEvent:
+            if not event.snapshot and event.exchange_ts is not None:
+                symbol.append(index[event.symbol])
+                sent_ms.append(event.exchange_ts // 1000)
+                received_us.append(time.time_ns() // 1000)
+        elif type(event) is StatusEvent and event.stream is depth:
+            state = "disconnected" if event.state is disconnected else "connected"
+            statuses.append((time.time_ns() // 1000, index[event.symbol], state))
+
+    source = LiveSource(["BINANCE"], products.get, urls=live_urls(port, ws_path), max_lag_s=max_lag)
+
+    def resyncs() -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for metric in RESYNCS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    reason = sample.labels["reason"]
+                    totals[reason] = totals.get(reason, 0) + round(sample.value)
+        return totals
+
+    def command(stop: asyncio.Event) -> None:
+        line = sys.stdin.readline().strip()
+        # The source's insides, read between events: nothing is added to its path.
+        internals = cast(Any, source)
+        feeds = internals._feeds
+        answer: dict[str, Any]
+        if line == "status":
+            client = internals._clients.get("BINANCE")
+            books = client[0]._symbols if client is not None else {}
+            answer = {
+                "last_update": {name: book.last_update for name, book in books.items()},
+                "down": sum(1 for code in codes if code not in feeds or not feeds[code].up),
+            }
+        elif line == "tops":
+            answer = {}
+            for code in codes:
+                if code in feeds:
+                    top = feeds[code].book.top(TOP)
+                    answer[products[code].native_code] = [
+                        [list(level) for level in top.bids],
+                        [list(level) for level in top.asks],
+                    ]
+        elif line == "dump":
+            answer = {
+                "symbol": symbol.tolist(),
+                "sent_ms": sent_ms.tolist(),
+                "received_us": received_us.tolist(),
+                "statuses": statuses,
+                "resyncs": resyncs(),
+            }
+            del symbol[:], sent_ms[:], received_us[:]
+            statuses[:] = []
+        else:
+            stop.set()
+            return
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(sink))
+        for code in codes:
+            source.watch(code)
+        loop.add_reader(sys.stdin.fileno(), command, stop)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 # -- the ladder ------------------------------------------------------------------------
 
 
@@ -943,9 +1243,10 @@ class Bench:
     async def recover(self, consumer: Consumer, feed: FeedProcess) -> str:
         """Whether a consumer left behind by a step comes back once fresh events flow.
 
-        A consumer may need new events to notice it has caught up (Caspian's
-        lag bound is checked on each event): a quiet feed would keep it
-        waiting, and the live exchange would not stay quiet.
+        A consumer may need new events to notice it has caught up: a quiet
+        feed would keep it waiting, and the live exchange would not stay
+        quiet. (Caspian also brings a symbol it held back for lag back once
+        its connection has nothing left to read, without a new event.)
         """
         args = self.args
         stale = consumer.stale()
@@ -1008,8 +1309,8 @@ class Bench:
         drained = False
         equal: int | None = None
         # A consumer that is not caught up may still have processed every
-        # event (Caspian holds a symbol it left lagging until a fresh event
-        # shows it is back): that is when nothing is left unread on its
+        # event (a consumer may hold a symbol it left lagging until a fresh
+        # event shows it is back): that is when nothing is left unread on its
         # sockets and it has gone idle. Its CPU up to then is the step's.
         probe = (t1, cpu1)
         processed: tuple[float, float] | None = None
@@ -1155,6 +1456,16 @@ def _at(results: Sequence[StepResult], rate: float) -> StepResult | None:
     return next((result for result in results if result.rate == rate), None)
 
 
+def _by_rate(ours: Sequence[StepResult], theirs: Sequence[StepResult]) -> str:
+    """CPU per event, ours / theirs, at each rate both ran (``*``: either saturated)."""
+    return ", ".join(
+        f"{mine.rate / 1000:g}k: {_ratio(mine.cpu_us_per_event, peer.cpu_us_per_event)}"
+        + ("*" if mine.saturated or peer.saturated else "")
+        for mine in ours
+        if (peer := _at(theirs, mine.rate)) is not None
+    )
+
+
 def report(
     args: argparse.Namespace,
     bench: Bench,
@@ -1209,54 +1520,88 @@ def report(
         print(f"{name} FAILED: {why}")
     for name, text in bench.recoveries.items():
         print(f"{name}: {text}")
-    ours, theirs = ladders.get("caspian", []), ladders.get("cryptofeed", [])
+    ours, alone, theirs = (
+        ladders.get("caspian", []),
+        ladders.get("caspian-source", []),
+        ladders.get("cryptofeed", []),
+    )
+    compare = args.compare_rate
     print()
-    print("| measure | Caspian | cryptofeed | Caspian/cryptofeed |")
-    print("|---|---:|---:|---:|")
-    mine, peer = _at(ours, args.compare_rate), _at(theirs, args.compare_rate)
+    print(
+        "| measure | Caspian | Caspian source alone | cryptofeed | Caspian/cryptofeed | "
+        "source alone/cryptofeed |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    mine, lone, peer = _at(ours, compare), _at(alone, compare), _at(theirs, compare)
     rows = [
         (
-            f"CPU µs per event at {args.compare_rate:,.0f} events/s",
-            _figure(mine.cpu_us_per_event if mine else None, mine, ".1f"),
-            _figure(peer.cpu_us_per_event if peer else None, peer, ".1f"),
-            _ratio(mine.cpu_us_per_event, peer.cpu_us_per_event) if mine and peer else "n/a",
+            f"CPU µs per event at {compare:,.0f} events/s",
+            *(
+                _figure(step.cpu_us_per_event if step else None, step, ".1f")
+                for step in (mine, lone, peer)
+            ),
+            *(
+                _ratio(step.cpu_us_per_event, peer.cpu_us_per_event) if step and peer else "n/a"
+                for step in (mine, lone)
+            ),
         )
     ]
-    (our_rate, our_sat), (peer_rate, peer_sat) = saturating_rate(ours), saturating_rate(theirs)
+    rates = [saturating_rate(results) for results in (ours, alone, theirs)]
+    peer_rate = rates[2][0]
     rows.append(
         (
             "saturating rate (most events/s consumed)",
-            f"{'' if our_sat else '≥ '}{our_rate:,.0f}",
-            f"{'' if peer_sat else '≥ '}{peer_rate:,.0f}",
-            _ratio(our_rate, peer_rate),
+            *(
+                f"{'' if saturated else '≥ '}{rate:,.0f}" if rate == rate else "n/a"
+                for rate, saturated in rates
+            ),
+            _ratio(rates[0][0], peer_rate),
+            _ratio(rates[1][0], peer_rate),
         )
     )
-    by_rate = [
-        f"{mine_step.rate:,.0f}/s: {_ratio(mine_step.cpu_us_per_event, peer_step.cpu_us_per_event)}"
-        for mine_step in ours
-        if (peer_step := _at(theirs, mine_step.rate)) is not None
-    ]
-    rows.append(("CPU per event, Caspian/cryptofeed, by rate", "", "", ", ".join(by_rate)))
-    our_core, peer_core = one_core(ours), one_core(theirs)
+    rows.append(
+        (
+            "CPU per event / cryptofeed's, by rate",
+            "",
+            "",
+            "",
+            _by_rate(ours, theirs),
+            _by_rate(alone, theirs),
+        )
+    )
+    cores = [one_core(results) for results in (ours, alone, theirs)]
     rows.append(
         (
             "events/s one whole core would take (1 s / CPU per event, last unsaturated step)",
-            f"{our_core:,.0f}",
-            f"{peer_core:,.0f}",
-            _ratio(our_core, peer_core),
+            *(f"{core:,.0f}" if core == core else "n/a" for core in cores),
+            _ratio(cores[0], cores[2]),
+            _ratio(cores[1], cores[2]),
         )
     )
     rows.append(
         (
             "CPU with the feed quiet (share of a core)",
-            f"{bench.idle.get('caspian', float('nan')):.1%}",
-            f"{bench.idle.get('cryptofeed', float('nan')):.1%}",
+            *(
+                f"{bench.idle[name]:.1%}" if name in bench.idle else "n/a"
+                for name in ("caspian", "caspian-source", "cryptofeed")
+            ),
+            "",
             "",
         )
     )
-    for name, mine_text, peer_text, ratio in rows:
-        print(f"| {name} | {mine_text} | {peer_text} | {ratio} |")
+    for row in rows:
+        print(f"| {' | '.join(row)} |")
     print("(* measured while saturated)")
+    if alone:
+        print(
+            f"Caspian source alone / cryptofeed: CPU per event at {compare:,.0f} events/s "
+            f"{rows[0][5]}, saturating rate {rows[1][5]}"
+        )
+    if ours and alone:
+        print(
+            "Caspian source alone / the whole service (CPU per event, by rate): "
+            f"{_by_rate(alone, ours)}"
+        )
     for name, results in ladders.items():
         busy = max((result.load_share for result in results), default=0.0)
         if busy >= SATURATED_CPU:
@@ -1282,7 +1627,8 @@ def report(
     print(
         "Latency: from the write of the event's millisecond on the feed server to, for "
         "Caspian, this script reading the Level2 message (through the service), for "
-        "cryptofeed, its book callback."
+        "Caspian's source alone, its sink getting the BookEvent, for cryptofeed, its book "
+        "callback."
     )
 
 
@@ -1295,12 +1641,16 @@ async def run(args: argparse.Namespace) -> None:
             consumer: Consumer
             if name == "caspian":
                 consumer = Caspian(args, bench.work, bench.market, bench.consumer_place)
+            elif name == "caspian-source":
+                consumer = CaspianSource(args, bench.work, bench.market, bench.consumer_place)
             elif name == "cryptofeed":
                 python = cryptofeed_python(args.cryptofeed_python)
                 bench.cryptofeed_version = cryptofeed_version(python)
                 consumer = Cryptofeed(python, bench.work, bench.market, bench.consumer_place)
             else:
-                raise SystemExit(f"unknown consumer {name!r}: caspian or cryptofeed")
+                raise SystemExit(
+                    f"unknown consumer {name!r}: caspian, caspian-source or cryptofeed"
+                )
             try:
                 ladders[name] = await bench.ladder(consumer)
             except (RuntimeError, OSError, TimeoutError) as exc:
@@ -1308,10 +1658,10 @@ async def run(args: argparse.Namespace) -> None:
                 print(f"{name} FAILED: {failures[name]}", flush=True)
                 if isinstance(consumer, Caspian):
                     print(consumer.stderr_tail(), flush=True)
-            if isinstance(consumer, Cryptofeed):
+            if isinstance(consumer, Cryptofeed | CaspianSource):
                 warnings = consumer.warnings()
                 if warnings:
-                    print(f"cryptofeed logged {len(warnings)} lines, the last: {warnings[-1]}")
+                    print(f"{name} logged {len(warnings)} lines, the last: {warnings[-1]}")
         report(args, bench, ladders, failures)
     finally:
         bench.close()
@@ -1340,7 +1690,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="events/s of the trickle sent to a consumer its last step left behind",
     )
     parser.add_argument("--recovery-seconds", type=float, default=3.0)
-    parser.add_argument("--consumers", default="caspian,cryptofeed")
+    parser.add_argument(
+        "--consumers",
+        default="caspian,caspian-source,cryptofeed",
+        help="comma-separated, run in this order: caspian (the service and a Level2 client), "
+        "caspian-source (its live source alone), cryptofeed",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--ws-path",
@@ -1349,7 +1704,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(ccxt-based sources tell spot by a /stream in it: /stream/ws)",
     )
     parser.add_argument(
-        "--max-lag", type=float, default=None, help="CASPIAN_LIVE_MAX_LAG_S (default: Caspian's)"
+        "--max-lag",
+        type=float,
+        default=None,
+        help="CASPIAN_LIVE_MAX_LAG_S, and caspian-source's max_lag_s (default: Caspian's, 2 s)",
     )
     parser.add_argument(
         "--cryptofeed-python", default=None, help="a Python with cryptofeed installed"
@@ -1362,6 +1720,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # The cryptofeed consumer's own process.
     parser.add_argument("--cryptofeed-runner", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--runner-log", default="cryptofeed.log", help=argparse.SUPPRESS)
+    # The caspian-source consumer's own process.
+    parser.add_argument("--source-runner", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1369,6 +1729,10 @@ def main() -> None:
     args = parse_args()
     if args.cryptofeed_runner is not None:
         run_cryptofeed(args.cryptofeed_runner, args.symbols, args.runner_log)
+        return
+    if args.source_runner is not None:
+        max_lag = args.max_lag if args.max_lag is not None else LIVE_MAX_LAG_S
+        run_source(args.source_runner, args.symbols, args.ws_path, max_lag, args.runner_log)
         return
     try:
         import uvloop
