@@ -20,11 +20,12 @@ feed, ccxt.pro alone spent 56-70 µs of CPU per event at 10k events/s,
 cryptofeed 17-24 µs, orjson plus a dict book 10-17 µs; ccxt rebuilds its own
 book on every message and cannot unsubscribe on most exchanges. So the
 busiest exchange, Binance, has Caspian's own client with a shared
-connection; the others stay on ccxt.pro. bench/bench_live.py measures the
-whole service (source, gateway and a Level2 subscriber) against cryptofeed:
-80-94 µs per event at 10k events/s against 32-40 µs, saturating at 13-16k
-events/s against 37-49k (bench/README.md): the gap is still open. ccxt
-remains the source of reference data for all of them.
+connection; the others stay on ccxt.pro. bench/bench_live.py measures it
+against cryptofeed: the live source alone spends 1.0-1.2 times cryptofeed's
+CPU per event and saturates at about the same rate; the whole service
+(source, gateway and a Level2 subscriber) 1.7-2.5 times, the rest being the
+gateway's (bench/README.md). ccxt remains the source of reference data for
+all of them.
 
 This module imports neither ccxt nor any client, so the catalog stays cheap
 to import.
