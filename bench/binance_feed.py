@@ -45,6 +45,7 @@ import base64
 import contextlib
 import hashlib
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -781,12 +782,17 @@ async def _serve(market: Market, pipe: Connection) -> None:
     done: asyncio.Future[None] = loop.create_future()
     running: set[asyncio.Task[None]] = set()
 
+    def send(answer: object) -> None:
+        # uvloop leaves the pipe non-blocking, and a long step's record is
+        # larger than the pipe's buffer: the parent reads it once the step ends.
+        os.set_blocking(pipe.fileno(), True)
+        pipe.send(answer)
+
     async def step(number: int) -> None:
-        record = await server.run_step(number)
-        pipe.send(record)
+        send(await server.run_step(number))
 
     async def trickle(rate: float, seconds: float, seed: int) -> None:
-        pipe.send(await server.trickle(rate, seconds, seed))
+        send(await server.trickle(rate, seconds, seed))
 
     def command() -> None:
         name, *args = pipe.recv()
