@@ -86,6 +86,56 @@ class Settings(BaseSettings):
         description="Window in which failed logins count; a locked subject may try again "
         "once the oldest of its counted failures is this old.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For "
+        "names the client; from any other peer the header is ignored.",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open client connections (REST and stream) before new ones are refused "
+        "with 503; 0 = derived from the open-file limit, leaving headroom for the store "
+        "and upstreams.",
+    )
+    max_connections_per_address: int = Field(
+        256,
+        gt=0,
+        description="Open client connections from one address before new ones are "
+        "refused with 429.",
+    )
+    max_streams_per_principal: int = Field(
+        64,
+        gt=0,
+        description="Open stream connections of one key or user; one more is closed "
+        "with 3008 once its token is checked.",
+    )
+    handshake_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Time a new connection has to send a whole request head (and an idle "
+        "HTTP connection to send its next one) before it is closed: slowloris defence.",
+    )
+    max_header_bytes: int = Field(
+        16_384, gt=0, description="Largest request head (request line and headers); 431 beyond."
+    )
+    max_headers: int = Field(100, gt=0, description="Most headers in one request; 431 beyond.")
+    max_messages_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Inbound stream messages per second per connection, with a burst of "
+        "max_message_burst: past it the server reads no further from that connection "
+        "until the rate allows (TCP backpressure), so a flood is answered slowly, "
+        "never at others' expense.",
+    )
+    max_message_burst: int = Field(
+        500, gt=0, description="Inbound stream messages a connection may send at once."
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="If set, GET /metrics requires 'Authorization: Bearer <token>' (401 "
+        "otherwise).",
+    )
     simulator_seed: int = Field(1, description="Seed of the built-in market simulator.")
     simulator_rate: float = Field(
         20.0, gt=0, description="Simulator book updates per second per watched symbol."
