@@ -219,7 +219,10 @@ class Session:
     def _subscribe(self, request_id: str, payload: dict[str, Any]) -> list[Action]:
         if self._in_use(request_id):
             return [_subscribe_response(request_id, SubscribeCode.DUPLICATED_REQUEST_ID)]
-        sub_type = _SUBSCRIPTION_TYPES.get(payload.get("type"))  # type: ignore[arg-type]
+        raw_type = payload.get("type")
+        # Any JSON value may come: an object or array is unhashable, so only a
+        # string is looked up.
+        sub_type = _SUBSCRIPTION_TYPES.get(raw_type) if isinstance(raw_type, str) else None
         if sub_type is None:
             return [
                 _subscribe_response(
