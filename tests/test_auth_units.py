@@ -3,8 +3,10 @@ replay-format event lines, each on its own."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import multiprocessing
+import re
 import threading
 import time
 from calendar import timegm
@@ -17,7 +19,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from caspian.auth.ratelimit import LoginLimiter
+from caspian.auth.proxies import TrustedProxies
+from caspian.auth.ratelimit import (
+    ADDRESS_FACTOR,
+    KNOWN_ADDRESS_S,
+    NAME_CHARS,
+    PENDING_RETRY_S,
+    USER_FACTOR,
+    Attempt,
+    Kind,
+    LoginLimiter,
+)
 from caspian.auth.tokens import (
     TokenClaims,
     TokenError,
@@ -82,8 +94,16 @@ def test_issued_token_carries_its_claims() -> None:
     assert issued.claims.expires_us % 1_000_000 == 0
     assert issued.claims.expires_us == payload["exp"] * 1_000_000
     assert before + 3600 <= payload["exp"] < after + 3600 + 1
+    # The issue time to the microsecond, which ``iat`` rounds down to the second.
+    assert payload["iat"] == payload["ius"] // 1_000_000
+    assert before * 1_000_000 - 1 <= payload["ius"] <= after * 1_000_000 + 1
     assert issued.claims == TokenClaims(
-        "key", "KEYID0000000000000000", "alice", payload["exp"] * 1_000_000, payload["jti"]
+        "key",
+        "KEYID0000000000000000",
+        "alice",
+        payload["exp"] * 1_000_000,
+        payload["jti"],
+        payload["ius"],
     )
     assert tokens.verify(issued.token) == issued.claims
 
@@ -122,6 +142,8 @@ def test_expired_token() -> None:
         pytest.param(jwt.encode(valid_claims(knd="admin"), SECRET), id="bad-kind"),
         pytest.param(jwt.encode(valid_claims(usr=None), SECRET), id="no-user"),
         pytest.param(jwt.encode(valid_claims(usr=7), SECRET), id="user-not-text"),
+        pytest.param(jwt.encode(valid_claims(ius="soon"), SECRET), id="issued-not-int"),
+        pytest.param(jwt.encode(valid_claims(ius=True), SECRET), id="issued-bool"),
         pytest.param("not.a.token", id="garbage"),
         pytest.param("", id="empty"),
     ],
@@ -228,72 +250,231 @@ class FakeClock:
         return self.now
 
 
+def attempt(limiter: LoginLimiter, kind: Kind, name: str, address: str) -> Attempt:
+    started = limiter.begin(kind, name, address)
+    assert isinstance(started, Attempt), f"refused, retry after {started}"
+    return started
+
+
+def fail(limiter: LoginLimiter, kind: Kind, name: str, address: str, times: int = 1) -> None:
+    for _ in range(times):
+        attempt(limiter, kind, name, address).failed()
+
+
 def test_limiter_locks_at_the_limit_and_lifts_after_the_window() -> None:
     clock = FakeClock()
     limiter = LoginLimiter(3, 10.0, clock=clock)
-    subject = ["key:A"]
-    assert limiter.retry_after(subject) == 0
-    limiter.failed(subject)
+    fail(limiter, "key", "A", "192.0.2.1")
     clock.now += 1
-    limiter.failed(subject)
-    assert limiter.retry_after(subject) == 0
+    fail(limiter, "key", "A", "192.0.2.1")
     clock.now += 1
-    limiter.failed(subject)
+    fail(limiter, "key", "A", "192.0.2.1")
     # Locked until the first of the three failures (at 1000) is 10 s old.
-    assert limiter.retry_after(subject) == 8
+    assert limiter.begin("key", "A", "192.0.2.1") == 8
     clock.now += 0.5
-    assert limiter.retry_after(subject) == 8
+    assert limiter.begin("key", "A", "192.0.2.1") == 8
     clock.now = 1009.99
-    assert limiter.retry_after(subject) == 1
+    assert limiter.begin("key", "A", "192.0.2.1") == 1
     clock.now = 1010.0
-    assert limiter.retry_after(subject) == 0
     # One more failure while two are still in the window locks again.
-    limiter.failed(subject)
-    assert limiter.retry_after(subject) == 1
+    fail(limiter, "key", "A", "192.0.2.1")
+    assert limiter.begin("key", "A", "192.0.2.1") == 1
     clock.now = 1011.0
-    assert limiter.retry_after(subject) == 0
+    attempt(limiter, "key", "A", "192.0.2.1").succeeded()
 
 
-def test_limiter_subjects_are_independent() -> None:
+def test_parallel_attempts_are_limited_like_serial_ones() -> None:
     clock = FakeClock()
-    limiter = LoginLimiter(2, 60.0, clock=clock)
-    limiter.failed(["key:A", "addr:1.2.3.4"])
-    limiter.failed(["key:A", "addr:5.6.7.8"])
-    assert limiter.retry_after(["key:A"]) == 60
-    assert limiter.retry_after(["key:B"]) == 0
-    assert limiter.retry_after(["addr:1.2.3.4"]) == 0
-    # A request is refused when any subject it names is locked.
-    assert limiter.retry_after(["key:B", "addr:1.2.3.4", "key:A"]) == 60
-    clock.now += 30
-    limiter.failed(["key:B"])
-    limiter.failed(["key:B"])
-    assert limiter.retry_after(["key:A", "key:B"]) == 60
-    assert limiter.retry_after(["key:A"]) == 30
+    limiter = LoginLimiter(5, 60.0, clock=clock)
+    # 100 logins arrive before any of their secrets has been checked.
+    started = [limiter.begin("key", "A", "192.0.2.1") for _ in range(100)]
+    held = [one for one in started if isinstance(one, Attempt)]
+    assert len(held) == 5
+    # The others are told to come back once those settle.
+    assert [one for one in started if not isinstance(one, Attempt)] == [PENDING_RETRY_S] * 95
+    clock.now += 0.2
+    for one in held:
+        one.failed()
+    assert limiter.begin("key", "A", "192.0.2.1") == 60
+
+
+def test_settled_successes_free_their_slots() -> None:
+    limiter = LoginLimiter(2, 60.0, clock=FakeClock())
+    first = attempt(limiter, "user", "bob", "192.0.2.1")
+    second = attempt(limiter, "user", "bob", "192.0.2.1")
+    assert limiter.begin("user", "bob", "192.0.2.1") == PENDING_RETRY_S
+    first.succeeded()
+    second.succeeded()
+    for _ in range(10):
+        attempt(limiter, "user", "bob", "192.0.2.1").succeeded()
+    # Successes do not erase failures.
+    fail(limiter, "user", "bob", "192.0.2.1", 2)
+    third = limiter.begin("user", "bob", "192.0.2.1")
+    assert third == 60
+    with pytest.raises(RuntimeError, match="already settled"):
+        first.failed()
+
+
+def test_an_attempt_left_unsettled_frees_on_error_and_fails_on_cancellation() -> None:
+    limiter = LoginLimiter(1, 60.0, clock=FakeClock())
+    with pytest.raises(OSError), attempt(limiter, "key", "A", "192.0.2.1"):
+        raise OSError("the store is unreachable")
+    # An error is no guess: the slot is free again, and nothing was counted.
+    with pytest.raises(asyncio.CancelledError), attempt(limiter, "key", "A", "192.0.2.1"):
+        raise asyncio.CancelledError
+    # A client that leaves mid-check still spent its guess.
+    assert limiter.begin("key", "A", "192.0.2.1") == 60
+
+
+def test_a_guesser_cannot_lock_a_key_out_of_other_addresses() -> None:
+    limiter = LoginLimiter(5, 60.0, clock=FakeClock())
+    fail(limiter, "key", "A", "203.0.113.9", 5)
+    assert limiter.begin("key", "A", "203.0.113.9") == 60
+    attempt(limiter, "key", "A", "198.51.100.7").succeeded()
+    # Keys have no count over all addresses: however many addresses fail, the
+    # owner's is untouched.
+    for host in range(200):
+        fail(limiter, "key", "A", f"10.0.0.{host}")
+    attempt(limiter, "key", "A", "198.51.100.7").succeeded()
+
+
+def test_an_address_is_limited_over_all_principals() -> None:
+    limiter = LoginLimiter(5, 60.0, clock=FakeClock())
+    for number in range(ADDRESS_FACTOR):
+        fail(limiter, "key", f"K{number}", "203.0.113.9", 5)
+    # Every failure was on a key of its own pair's limit, yet the address is spent.
+    assert limiter.begin("key", "UNTRIED", "203.0.113.9") == 60
+    assert limiter.begin("user", "bob", "203.0.113.9") == 60
+    attempt(limiter, "key", "UNTRIED", "203.0.113.10").succeeded()
+
+
+def test_a_user_under_distributed_guessing_keeps_its_known_addresses() -> None:
+    clock = FakeClock()
+    limiter = LoginLimiter(5, 60.0, clock=clock)
+
+    def guess_from_many(network: str) -> None:
+        for host in range(5 * USER_FACTOR):
+            fail(limiter, "user", "bob", f"{network}.{host // 256}.{host % 256}")
+
+    attempt(limiter, "user", "bob", "198.51.100.7").succeeded()
+    guess_from_many("10.0")
+    # Past the user's limit, no new address may try...
+    assert limiter.begin("user", "bob", "203.0.113.1") == 60
+    # ...but the one bob logged in from may.
+    attempt(limiter, "user", "bob", "198.51.100.7").succeeded()
+    # An address is known for KNOWN_ADDRESS_S after its last success.
+    clock.now += KNOWN_ADDRESS_S - 1
+    guess_from_many("10.1")
+    attempt(limiter, "user", "bob", "198.51.100.7").succeeded()
+    clock.now += KNOWN_ADDRESS_S
+    guess_from_many("10.2")
+    assert limiter.begin("user", "bob", "198.51.100.7") == 60
+
+
+def test_ipv6_clients_are_counted_per_64_network() -> None:
+    limiter = LoginLimiter(5, 60.0, clock=FakeClock())
+    for host in range(1, 6):
+        fail(limiter, "key", "A", f"2001:db8:0:1::{host}")
+    assert limiter.begin("key", "A", "2001:db8:0:1:ffff::1") == 60
+    attempt(limiter, "key", "A", "2001:db8:0:2::1").succeeded()
+    # An IPv4 client on a dual-stack socket is the same client either way.
+    fail(limiter, "key", "B", "192.0.2.1", 4)
+    fail(limiter, "key", "B", "::ffff:192.0.2.1")
+    assert limiter.begin("key", "B", "192.0.2.1") == 60
 
 
 def test_limiter_memory_stays_bounded() -> None:
     clock = FakeClock()
     limiter = LoginLimiter(5, 60.0, clock=clock, max_subjects=100)
+    held = attempt(limiter, "key", "HELD", "198.51.100.7")
     for number in range(5000):
         clock.now += 0.001
-        limiter.failed([f"key:{number}"])
-    # Nothing public tells how much is kept; the table itself is the memory in question.
-    assert len(limiter._failures) <= 100
+        fail(limiter, "user", f"user{number}", f"10.0.{number // 256}.{number % 256}")
+        attempt(limiter, "user", f"user{number}", "198.51.100.8").succeeded()
+    # Three counts per user login plus one known address each: the bound holds for
+    # both, with the attempt still in flight kept beyond it.
+    assert len(limiter) <= 2 * 100 + 2
     # The most recent subjects are the ones still counted.
-    for _ in range(4):
-        limiter.failed(["key:4999"])
-    assert limiter.retry_after(["key:4999"]) > 0
+    fail(limiter, "user", "user4999", "10.0.19.135", 4)
+    assert limiter.begin("user", "user4999", "10.0.19.135") == 60
+    # An attempt in flight kept its counts through the spray, and settles on them.
+    held.failed()
+    fail(limiter, "key", "HELD", "198.51.100.7", 4)
+    assert limiter.begin("key", "HELD", "198.51.100.7") == 60
+
+
+def test_long_names_take_bounded_room() -> None:
+    limiter = LoginLimiter(5, 60.0, clock=FakeClock(), max_subjects=10)
+    for number in range(100):
+        fail(limiter, "key", "X" * 60_000 + str(number), "192.0.2.1")
+        fail(limiter, "key", "Y" * 60_000, f"198.51.100.{number}")
+    assert len(limiter) <= 10
+    # Nothing public tells how large the entries are; their names are the memory
+    # in question.
+    assert sum(map(len, limiter._counts)) <= 10 * (NAME_CHARS + 40)
 
 
 def test_limiter_forgets_expired_subjects() -> None:
     clock = FakeClock()
-    limiter = LoginLimiter(1, 5.0, clock=clock, max_subjects=10)
+    limiter = LoginLimiter(1, 5.0, clock=clock, max_subjects=100)
     for number in range(10):
-        limiter.failed([f"user:{number}"])
+        fail(limiter, "key", f"K{number}", f"192.0.2.{number}")
+    assert len(limiter) == 20
     clock.now += 5
-    limiter.failed(["user:new"])
-    assert len(limiter._failures) == 1
-    assert limiter.retry_after(["user:new"]) == 5
+    for number in range(10):
+        attempt(limiter, "key", f"K{number}", f"192.0.2.{number}").succeeded()
+    assert len(limiter) == 0
+
+
+# -- TrustedProxies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "proxy.example", "", "10.0.0.1,10.0.0.2"])
+def test_trusted_proxies_refuse_what_is_no_address(entry: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"invalid trusted proxy {entry!r}")):
+        TrustedProxies(["127.0.0.1", entry])
+
+
+def test_trusted_proxies_hold_addresses_and_networks() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "10.1.2.3/16"])
+    assert "10.200.0.1" in proxies
+    assert "192.0.2.7" in proxies
+    assert "192.0.2.8" not in proxies
+    assert "2001:db8:ffff::1" in proxies
+    assert "2001:db9::1" not in proxies
+    assert "::ffff:10.0.0.1" in proxies
+    assert "not an address" not in proxies
+    assert "" not in proxies
+    assert "127.0.0.1" not in TrustedProxies([])
+
+
+def test_forwarded_for_counts_only_from_a_trusted_peer() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    assert proxies.client("203.0.113.9", "198.51.100.1") == "203.0.113.9"
+    assert proxies.client("10.0.0.5", None) == "10.0.0.5"
+    assert proxies.client("10.0.0.5", "198.51.100.1") == "198.51.100.1"
+    # The right-most entry that is not a trusted proxy; what the client wrote
+    # before it is ignored.
+    assert proxies.client("10.0.0.5", "1.1.1.1, 198.51.100.1, 10.0.0.6") == "198.51.100.1"
+    # Only proxies in the chain: the left-most of them.
+    assert proxies.client("10.0.0.5", "10.0.0.7, 10.0.0.6") == "10.0.0.7"
+    # Ports and brackets, as some proxies write them.
+    assert proxies.client("10.0.0.5", "198.51.100.1:4711") == "198.51.100.1"
+    assert proxies.client("10.0.0.5", "[2001:db8::1]:443") == "2001:db8::1"
+    assert proxies.client("10.0.0.5", "2001:db8::1") == "2001:db8::1"
+    # An entry that is no address stops the walk at the nearest trusted hop.
+    assert proxies.client("10.0.0.5", "198.51.100.1, unknown") == "10.0.0.5"
+    assert proxies.client("10.0.0.5", "unknown, 10.0.0.6") == "10.0.0.6"
+    assert proxies.client("::ffff:10.0.0.5", "198.51.100.1") == "198.51.100.1"
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300)
+def test_a_client_cannot_forge_its_address_behind_a_trusted_proxy(forged: str) -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    # The proxy appends the peer it saw to whatever the client sent.
+    assert proxies.client("10.0.0.5", f"{forged}, 203.0.113.9") == "203.0.113.9"
+    assert proxies.client("203.0.113.9", forged) == "203.0.113.9"
 
 
 # -- MaintenanceWindow --------------------------------------------------------------

@@ -35,6 +35,7 @@ from caspian.store import (
     Store,
     StoreUnavailable,
 )
+from caspian.store import store as store_module
 from caspian.store.models import Base
 from tests.support.postgres import PostgresServer
 
@@ -46,6 +47,7 @@ TABLES = {
     "products",
     "gateways",
     "stream_sessions",
+    "ended_tokens",
 }
 
 
@@ -123,7 +125,7 @@ async def test_migrations_apply_from_empty_and_match_the_models(store_url: str) 
     finally:
         await store.close()
 
-    assert await raw_rows(store_url, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert await raw_rows(store_url, "SELECT version_num FROM alembic_version") == [("0003",)]
 
     def differences(connection: Connection) -> list[Any]:
         assert set(inspect(connection).get_table_names()) >= TABLES
@@ -137,15 +139,17 @@ async def test_migrations_apply_from_empty_and_match_the_models(store_url: str) 
         await engine.dispose()
 
 
-async def test_migration_downgrades_to_empty_and_upgrades_again(store_url: str) -> None:
-    def run(connection: Connection, action: Callable[[Config, str], None], target: str) -> None:
-        config = Config()
-        config.set_main_option(
-            "script_location", str(Path(caspian.store.__file__).parent / "migrations")
-        )
-        config.attributes["connection"] = connection
-        action(config, target)
+def run(connection: Connection, action: Callable[[Config, str], None], target: str) -> None:
+    """Run an Alembic command on the store's migrations over ``connection``."""
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(caspian.store.__file__).parent / "migrations")
+    )
+    config.attributes["connection"] = connection
+    action(config, target)
 
+
+async def test_migration_downgrades_to_empty_and_upgrades_again(store_url: str) -> None:
     engine = create_async_engine(store_url)
     try:
         store = Store(store_url)
@@ -159,6 +163,28 @@ async def test_migration_downgrades_to_empty_and_upgrades_again(store_url: str) 
             names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
             assert set(names) >= TABLES
     finally:
+        await engine.dispose()
+
+
+async def test_revocation_migration_keeps_users_keys_and_entitlements(store_url: str) -> None:
+    """0003 alters the users table in place: on SQLite, copying it instead would drop the
+    old one, and with foreign keys on that deletes every key and entitlement."""
+    engine = create_async_engine(store_url)
+    store = Store(store_url)
+    try:
+        await store.upgrade()
+        await store.seed_exchanges([("Gemini", "GEMINI"), ("BitMEX", "BITMEX")])
+        key, secret = await store.create_key("ivan")
+        await store.revoke("ivan", "BITMEX")
+        async with engine.begin() as connection:
+            await connection.run_sync(run, command.downgrade, "0002")
+        assert await raw_rows(store_url, "SELECT COUNT(*) FROM api_keys") == [(1,)]
+        await store.upgrade()
+        assert await store.verify_key(key.key_id, secret) == key
+        [ivan] = await store.list_users()
+        assert (ivan.exchanges, ivan.disabled) == (("GEMINI",), False)
+    finally:
+        await store.close()
         await engine.dispose()
 
 
@@ -195,6 +221,84 @@ async def test_users_are_created_listed_and_checked(store: Store, store_url: str
 
     [(stored,)] = await raw_rows(store_url, "SELECT password_hash FROM users WHERE name = 'alice'")
     assert stored.startswith("$argon2id$") and "correct horse" not in stored
+
+
+async def test_disabled_users_cannot_log_in_until_enabled(store: Store) -> None:
+    await store.create_user("judy", "pw")
+    key, secret = await store.create_key("judy")
+    assert (await store.principal(USER, "judy")) == Principal("judy", None)
+
+    judy = await store.set_disabled("judy", True)
+    assert judy.disabled
+    assert [user.disabled for user in await store.list_users()] == [True]
+    assert await store.verify_credential("judy", "pw") is None
+    assert await store.verify_key(key.key_id, secret) is None
+    for found in (await store.principal(USER, "judy"), await store.principal(KEY, key.key_id)):
+        assert found is not None and found.disabled and found.tokens_not_before is not None
+    disabled_at = (await store.principal(USER, "judy")).tokens_not_before  # type: ignore[union-attr]
+    # Disabling twice does not move the stamp; enabling keeps it: no old token comes back.
+    await store.set_disabled("judy", True)
+    judy = await store.set_disabled("judy", False)
+    assert not judy.disabled
+    found = await store.principal(USER, "judy")
+    assert found is not None and not found.disabled and found.tokens_not_before == disabled_at
+    assert await store.verify_credential("judy", "pw") is not None
+    assert await store.verify_key(key.key_id, secret) == key
+    with pytest.raises(NotFound):
+        await store.set_disabled("nobody", True)
+
+
+async def test_a_new_password_replaces_the_old_and_stamps_the_user(store: Store) -> None:
+    await store.create_key("kim")
+    assert (await store.principal(USER, "kim")).tokens_not_before is None  # type: ignore[union-attr]
+    kim = await store.set_password("kim", "new pass")
+    assert kim.has_password
+    assert await store.verify_credential("kim", "new pass") is not None
+    first = (await store.principal(USER, "kim")).tokens_not_before  # type: ignore[union-attr]
+    assert first is not None
+    await store.set_password("kim", "newer pass")
+    assert await store.verify_credential("kim", "new pass") is None
+    assert await store.verify_credential("kim", "newer pass") is not None
+    second = (await store.principal(USER, "kim")).tokens_not_before  # type: ignore[union-attr]
+    assert second is not None and second > first
+    with pytest.raises(ValueError):
+        await store.set_password("kim", "")
+    with pytest.raises(NotFound):
+        await store.set_password("nobody", "pw")
+
+
+async def test_a_password_changed_while_it_is_checked_does_not_log_in(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create_user("lee", "old")
+    loop = asyncio.get_running_loop()
+    real_verify = store_module._verify
+
+    def verify_then_change(stored_hash: str | None, secret: str) -> bool:
+        matched = real_verify(stored_hash, secret)
+        # The change lands while the old password is being verified (in a worker thread).
+        asyncio.run_coroutine_threadsafe(store.set_password("lee", "new"), loop).result(30)
+        return matched
+
+    monkeypatch.setattr(store_module, "_verify", verify_then_change)
+    assert await store.verify_credential("lee", "old") is None
+    monkeypatch.setattr(store_module, "_verify", real_verify)
+    assert await store.verify_credential("lee", "new") is not None
+
+
+async def test_ended_tokens_are_refused_and_forgotten_once_expired(
+    store: Store, store_url: str
+) -> None:
+    later = datetime(2100, 1, 1)
+    await store.end_token("a" * 32, later)
+    await store.end_token("a" * 32, later)
+    assert await store.token_ended("a" * 32)
+    assert not await store.token_ended("b" * 32)
+    await store.end_token("c" * 32, datetime(2000, 1, 1))
+    # The next one ended sweeps out those already expired.
+    await store.end_token("d" * 32, later)
+    rows = await raw_rows(store_url, "SELECT token_id FROM ended_tokens ORDER BY token_id")
+    assert rows == [("a" * 32,), ("d" * 32,)]
 
 
 # API keys

@@ -2,7 +2,10 @@
 
 Besides the registered claims a token says what logged in (``knd``: ``key`` or
 ``user``) and for whom (``usr``), so that the stream can check on every
-connection that the key behind it has not been revoked since.
+connection that the key behind it has not been revoked since; and when it was
+issued to the microsecond (``ius``; ``iat`` has whole seconds), so that a
+password changed even a moment before a new login leaves that login's token
+valid and every earlier one invalid.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import jwt
 
 from caspian.codes import TOKEN_ISSUER
+from caspian.files import private_dir, tighten_if_present
 from caspian.timefmt import now_us
 
 _ALGORITHM = "HS256"
@@ -42,6 +46,7 @@ class TokenClaims:
     user: str
     expires_us: int
     token_id: str
+    issued_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,8 @@ class TokenService:
         self._ttl_s = ttl_s
 
     def issue(self, kind: str, subject: str, user: str) -> IssuedToken:
-        issued_s = now_us() / 1_000_000
+        issued_us = now_us()
+        issued_s = issued_us / 1_000_000
         # PyJWT compares whole seconds, so the expiry is a whole second and
         # the advertised expiration matches what is enforced exactly.
         expires_s = math.ceil(issued_s + self._ttl_s)
@@ -71,9 +77,11 @@ class TokenService:
             "jti": token_id,
             "knd": kind,
             "usr": user,
+            "ius": issued_us,
         }
         token = jwt.encode(payload, self._secret, algorithm=_ALGORITHM)
-        return IssuedToken(token, TokenClaims(kind, subject, user, expires_s * 1_000_000, token_id))
+        claims = TokenClaims(kind, subject, user, expires_s * 1_000_000, token_id, issued_us)
+        return IssuedToken(token, claims)
 
     def verify(self, token: str) -> TokenClaims:
         try:
@@ -91,19 +99,33 @@ class TokenService:
         kind, user = payload.get("knd"), payload.get("usr")
         if kind not in ("key", "user") or not isinstance(user, str):
             raise TokenInvalid("token does not name its principal")
+        # Tokens issued before ``ius`` existed have only the whole second of ``iat``.
+        issued_us = payload.get("ius", int(payload["iat"]) * 1_000_000)
+        if isinstance(issued_us, bool) or not isinstance(issued_us, int):
+            raise TokenInvalid("token has an invalid issue time")
         return TokenClaims(
-            kind, str(payload["sub"]), user, int(payload["exp"]) * 1_000_000, str(payload["jti"])
+            kind,
+            str(payload["sub"]),
+            user,
+            int(payload["exp"]) * 1_000_000,
+            str(payload["jti"]),
+            issued_us,
         )
 
 
 def load_or_create_secret(data_dir: Path) -> str:
-    """The signing key kept in the data directory, made on first use with mode 600."""
+    """The signing key kept in the data directory, made on first use with mode 600.
+
+    The data directory is made private first (700), and a key file found readable by
+    others is tightened.
+    """
+    private_dir(data_dir)
     path = data_dir / _SECRET_FILE
     try:
+        tighten_if_present(path)
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     # Written in full under a name of its own, then linked into place: a process that
     # finds the key file (a second server starting at the same time) never reads it

@@ -36,6 +36,8 @@ EXCHANGE_CODE_LENGTH = 32
 PRODUCT_CODE_LENGTH = 128
 #: Gateway and stream session ids: 8 random bytes in hex.
 REGISTRY_ID_LENGTH = 16
+#: A token's ``jti``: a UUID in hex.
+TOKEN_ID_LENGTH = 32
 
 
 class Base(DeclarativeBase):
@@ -51,6 +53,11 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(Text)
     all_exchanges: Mapped[bool] = mapped_column(Boolean, server_default=true())
     created_time: Mapped[datetime] = mapped_column(DateTime)
+    #: A disabled user cannot log in, with its password or its keys, and no token of theirs works.
+    disabled: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    #: The user's tokens issued before this no longer work: set by a password change and by
+    #: disabling, so that enabling again brings no old token back. NULL: never set.
+    tokens_not_before: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Entitlement(Base):
@@ -144,3 +151,15 @@ class StreamSession(Base):
     #: The client's address, ``ip:port``.
     peer: Mapped[str] = mapped_column(Text)
     opened_time: Mapped[datetime] = mapped_column(DateTime)
+
+
+class EndedToken(Base):
+    """The token of a stream session ended on the server: refused from then on.
+
+    Kept only until the token expires, after which it is refused anyway.
+    """
+
+    __tablename__ = "ended_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(TOKEN_ID_LENGTH), primary_key=True)
+    expires_time: Mapped[datetime] = mapped_column(DateTime, index=True)

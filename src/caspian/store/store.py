@@ -44,10 +44,12 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from caspian.catalog.product import ProductSpec
+from caspian.files import PRIVATE_DIR, private_file, tighten_if_present
 from caspian.store.models import (
     KEY_ID_LENGTH,
     USER_NAME_LENGTH,
     ApiKey,
+    EndedToken,
     Entitlement,
     Exchange,
     Gateway,
@@ -107,6 +109,7 @@ class UserInfo:
     #: The exchanges granted one by one; empty while ``all_exchanges`` is true.
     exchanges: tuple[str, ...]
     created_time: datetime
+    disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,10 @@ class Principal:
 
     user: str
     exchanges: frozenset[str] | None
+    #: The user is disabled: no token of theirs works.
+    disabled: bool = False
+    #: The user's tokens issued before this no longer work; None: all of them do.
+    tokens_not_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +234,15 @@ async def _availability() -> AsyncIterator[None]:
         raise StoreUnavailable(f"could not access the database ({type(exc).__name__})") from exc
 
 
+def _private_sqlite(path: Path) -> None:
+    """The database file made, or tightened, before SQLite opens it: SQLite gives its
+    write-ahead log and shared-memory files the database file's permissions."""
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        tighten_if_present(path.with_name(path.name + suffix))
+
+
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Turn off the driver's implicit BEGIN so that _on_sqlite_begin decides how each
     # transaction starts.
@@ -262,6 +278,7 @@ def _user_info(user: User, exchanges: Iterable[str]) -> UserInfo:
         all_exchanges=user.all_exchanges,
         exchanges=() if user.all_exchanges else tuple(sorted(exchanges)),
         created_time=user.created_time,
+        disabled=user.disabled,
     )
 
 
@@ -345,7 +362,7 @@ class Store:
         database = self._url.database
         async with _availability():
             if self._is_sqlite and database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite(Path(database))
             async with self._engine.connect() as connection:
                 await connection.execution_options(**{_WRITE: True})
                 async with connection.begin():
@@ -364,7 +381,13 @@ class Store:
         password_hash = (
             None if password is None else await asyncio.to_thread(_HASHER.hash, password)
         )
-        user = User(name=name, password_hash=password_hash, all_exchanges=True, created_time=_now())
+        user = User(
+            name=name,
+            password_hash=password_hash,
+            all_exchanges=True,
+            created_time=_now(),
+            disabled=False,
+        )
         try:
             async with self._session(write=True) as session:
                 session.add(user)
@@ -383,13 +406,48 @@ class Store:
             return [_user_info(user, granted[user.id]) for user in users]
 
     async def verify_credential(self, name: str, password: str) -> UserInfo | None:
+        """The user, if the password is theirs and they are not disabled."""
         async with self._session() as session:
             user = await _find_user(session, name)
             exchanges = [] if user is None else await _entitled(session, user.id)
-        stored_hash = None if user is None else user.password_hash
-        if user is None or not await asyncio.to_thread(_verify, stored_hash, password):
+        stored_hash = None if user is None or user.disabled else user.password_hash
+        if not await asyncio.to_thread(_verify, stored_hash, password) or user is None:
+            return None
+        # Verifying takes a while: a password changed or a user disabled meanwhile must not
+        # let the old password in, or its token would postdate the change and stay valid.
+        async with self._session() as session:
+            now = (
+                await session.execute(
+                    select(User.password_hash, User.disabled).where(User.id == user.id)
+                )
+            ).first()
+        if now is None or tuple(now) != (stored_hash, False):
             return None
         return _user_info(user, exchanges)
+
+    async def set_password(self, name: str, password: str) -> UserInfo:
+        """Give the user a new password; every token issued to them so far stops working."""
+        if password == "":
+            raise ValueError("a password cannot be empty")
+        password_hash = await asyncio.to_thread(_HASHER.hash, password)
+        async with self._session(write=True) as session:
+            user = await _require_user(session, name)
+            user.password_hash = password_hash
+            user.tokens_not_before = _now()
+            return _user_info(user, await _entitled(session, user.id))
+
+    async def set_disabled(self, name: str, disabled: bool) -> UserInfo:
+        """Disable a user (no login, no token works) or enable them again.
+
+        Disabling also ends every token issued to the user so far, so enabling them again
+        brings none of those back: they log in anew.
+        """
+        async with self._session(write=True) as session:
+            user = await _require_user(session, name)
+            if disabled and not user.disabled:
+                user.tokens_not_before = _now()
+            user.disabled = disabled
+            return _user_info(user, await _entitled(session, user.id))
 
     async def grant(self, name: str, exchange: str | None) -> UserInfo:
         """Allow the user one more exchange, or every exchange (``exchange`` None)."""
@@ -440,7 +498,13 @@ class Store:
         async with self._session(write=True) as session:
             owner = await _find_user(session, user)
             if owner is None:
-                owner = User(name=user, password_hash=None, all_exchanges=True, created_time=now)
+                owner = User(
+                    name=user,
+                    password_hash=None,
+                    all_exchanges=True,
+                    created_time=now,
+                    disabled=False,
+                )
                 session.add(owner)
                 await session.flush()
             session.add(
@@ -478,22 +542,27 @@ class Store:
             return True
 
     async def verify_key(self, key_id: str, secret: str) -> KeyInfo | None:
+        """The key, if the secret is its own, it is not revoked and its user not disabled."""
         async with self._session() as session:
             row = (
                 await session.execute(
-                    select(ApiKey, User.name)
+                    select(ApiKey, User.name, User.disabled)
                     .join(User, ApiKey.user_id == User.id)
                     .where(ApiKey.key_id == key_id)
                 )
             ).first()
-        stored_hash = None if row is None or row[0].revoked else row[0].secret_hash
+        usable = row is not None and not row[0].revoked and not row[2]
+        stored_hash = row[0].secret_hash if row is not None and usable else None
         if not await asyncio.to_thread(_verify, stored_hash, secret) or row is None:
             return None
-        key, name = row
+        key, name, _ = row
         return KeyInfo(key_id=key.key_id, user=name, created_time=key.created_time, revoked=False)
 
     async def principal(self, kind: str, subject: str) -> Principal | None:
-        """Who a token's subject is now: None once the key is revoked or the user is gone."""
+        """Who a token's subject is now: None once the key is revoked or the user is gone.
+
+        A disabled user is still found, marked so, for the caller to say why it refuses.
+        """
         async with self._session() as session:
             if kind == KEY:
                 user: User | None = await session.scalar(
@@ -507,9 +576,31 @@ class Store:
                 raise ValueError(f"unknown principal kind {kind!r}")
             if user is None:
                 return None
-            if user.all_exchanges:
-                return Principal(user=user.name, exchanges=None)
-            return Principal(user=user.name, exchanges=frozenset(await _entitled(session, user.id)))
+            exchanges = None if user.all_exchanges else frozenset(await _entitled(session, user.id))
+            return Principal(
+                user=user.name,
+                exchanges=exchanges,
+                disabled=user.disabled,
+                tokens_not_before=user.tokens_not_before,
+            )
+
+    # Tokens ended with their stream session
+
+    async def end_token(self, token_id: str, expires_time: datetime) -> None:
+        """Refuse the token from now on (until it expires: it is refused then anyway).
+
+        Entries of tokens that have expired are dropped here, so the table holds no more
+        than the ended tokens still alive.
+        """
+        async with self._session(write=True) as session:
+            await session.execute(delete(EndedToken).where(EndedToken.expires_time < _now()))
+            if await session.get(EndedToken, token_id) is None:
+                session.add(EndedToken(token_id=token_id, expires_time=expires_time))
+
+    async def token_ended(self, token_id: str) -> bool:
+        async with self._session() as session:
+            found = await session.scalar(select(exists().where(EndedToken.token_id == token_id)))
+            return bool(found)
 
     # Registry of open stream sessions
 
