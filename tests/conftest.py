@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from tests.support.service import RunningService
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default data directory, for any test or command that does not name one, is a
+    temporary one: no test writes into the real user's data directory (on Linux
+    platformdirs takes it from XDG_DATA_HOME, and commands run by tests inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        patch.delenv("CASPIAN_DATA_DIR", raising=False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """One service per test module, on the embedded defaults (SQLite, simulator)."""

@@ -138,7 +138,8 @@ def serve(
         Path | None,
         typer.Option(
             help="Where the SQLite file, recordings and signing key live "
-            "[env: CASPIAN_DATA_DIR; default ./caspian-data]"
+            "[env: CASPIAN_DATA_DIR; default the user's data directory, "
+            "~/.local/share/caspian on Linux]"
         ),
     ] = None,
     database_url: Annotated[
@@ -224,6 +225,9 @@ def serve(
         tls_key=tls_key,
         log_level=log_level,
     )
+    from caspian.logs import install_redaction
+
+    install_redaction()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -23,6 +23,7 @@ from caspian.catalog.index import Catalog
 from caspian.catalog.product import ProductSpec
 from caspian.codes import CloseCode, Stream, StreamState, SymbolType
 from caspian.events import StatusEvent
+from caspian.files import private_dir
 from caspian.gateway.gateway import Gateway, StreamSettings
 from caspian.gateway.hub import Hub
 from caspian.gateway.registry import new_id
@@ -130,6 +131,10 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.resolved_database_url)
+        if settings.database_url is None:
+            # The default store lives there; a data directory left open to others by an
+            # older version is tightened here.
+            private_dir(settings.data_dir)
         secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
         self.tokens = TokenService(secret, settings.token_ttl_s)
         self.limiter = LoginLimiter(settings.auth_max_failures, settings.auth_window_s)
@@ -166,7 +171,7 @@ class Service:
             self.maintenance_remaining,
             self._sync_sessions,
         )
-        self.rest = create_app(self, settings.max_body_bytes)
+        self.rest = create_app(self, settings.max_body_bytes, settings.metrics_token)
         self._tasks: list[asyncio.Task[None]] = []
 
     # The simulator looks products up through the service, so that it always

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,8 +25,11 @@ class Settings(BaseSettings):
         "(SO_REUSEPORT): the kernel spreads new connections over them, one core each.",
     )
     data_dir: Path = Field(
-        Path("./caspian-data"),
-        description="Where the SQLite file, recordings and a generated signing key live.",
+        # The user's data directory, not the current one: the server and every CLI
+        # command find the same store wherever they are started.
+        default_factory=lambda: Path(platformdirs.user_data_dir("caspian", appauthor=False)),
+        description="Where the SQLite file, recordings and a generated signing key live "
+        "(created mode 700).",
     )
     tls_cert: Path | None = Field(
         None, description="TLS certificate (PEM); with tls_key, serves https:// and wss://."

@@ -7,6 +7,7 @@ be wrong (4000 to 4003); the OpenAPI document still describes every body.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
@@ -246,7 +247,9 @@ async def _json_body(request: Request) -> Any:
 _NOT_JSON = object()
 
 
-def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
+def create_app(
+    backend: RestBackend, max_body_bytes: int, metrics_token: str | None = None
+) -> FastAPI:
     app = FastAPI(
         title="Caspian API v1",
         version="1.0",
@@ -503,8 +506,22 @@ def create_app(backend: RestBackend, max_body_bytes: int) -> FastAPI:
     async def health() -> Response:
         return json_response({"status": "ok"})
 
+    expected_metrics = metrics_token.encode() if metrics_token else None
+
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if expected_metrics is not None:
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            # Header values arrive decoded as Latin-1: encoding them back gives the bytes
+            # sent. Compared in constant time, so the token cannot be guessed byte by byte.
+            matches = hmac.compare_digest(given.strip().encode("latin-1"), expected_metrics)
+            if scheme.lower() != "bearer" or not matches:
+                return _error(
+                    401,
+                    int(RestErrorCode.UNAUTHORIZED),
+                    "The metrics token is missing or wrong",
+                    {"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import zlib
 from io import BufferedIOBase
 from pathlib import Path
 
 from caspian.events import Event, to_json
+from caspian.files import PRIVATE_DIR, open_private
 
 #: Buffered lines that force a flush before the second is up.
 MAX_BUFFERED = 10_000
@@ -54,8 +56,8 @@ class Recorder:
 
     def _open(self) -> None:
         path = rotated_name(self.path, len(self.files))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._raw = path.open("wb")
+        path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        self._raw = os.fdopen(open_private(path), "wb")
         self._handle = gzip.GzipFile(fileobj=self._raw, mode="wb") if self._gzip else self._raw
         self._written = 0
         self.files.append(path)
