@@ -406,7 +406,7 @@ def test_limiter_memory_stays_bounded() -> None:
 def test_long_names_take_bounded_room() -> None:
     limiter = LoginLimiter(5, 60.0, clock=FakeClock(), max_subjects=10)
     for number in range(100):
-        fail(limiter, "key", "X" * 60_000 + str(number), "192.0.2.1")
+        fail(limiter, "key", "X" * 60_000 + str(number), f"192.0.2.{number}")
         fail(limiter, "key", "Y" * 60_000, f"198.51.100.{number}")
     assert len(limiter) <= 10
     # Nothing public tells how large the entries are; their names are the memory

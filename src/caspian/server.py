@@ -63,6 +63,9 @@ async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None
             log_level=settings.log_level,
             access_log=False,
             server_header=False,
+            # uvicorn would otherwise take X-Forwarded-For from any local peer as the
+            # client; the service decides whom to believe (CASPIAN_TRUSTED_PROXIES).
+            proxy_headers=False,
             timeout_graceful_shutdown=5,
             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,

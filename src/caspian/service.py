@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from caspian.auth.proxies import TrustedProxies
 from caspian.auth.ratelimit import LoginLimiter
 from caspian.auth.tokens import TokenService, load_or_create_secret
 from caspian.bus.base import Bus
@@ -138,6 +139,7 @@ class Service:
         secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
         self.tokens = TokenService(secret, settings.token_ttl_s)
         self.limiter = LoginLimiter(settings.auth_max_failures, settings.auth_window_s)
+        self.proxies = TrustedProxies(settings.trusted_proxies)
         self._window = (
             MaintenanceWindow.parse(settings.maintenance) if settings.maintenance else None
         )

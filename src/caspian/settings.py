@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
 import platformdirs
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from caspian.auth.proxies import TrustedProxies
 from caspian.codes import SymbolType
 
 #: The least ``session_stale_s``, whatever ``recheck_s``.
@@ -82,7 +85,11 @@ class Settings(BaseSettings):
         description="Weekly maintenance window in GMT, as 'DAY HH:MM-HH:MM'; 'off' disables it.",
     )
     auth_max_failures: int = Field(
-        5, gt=0, description="Failed logins per key, user or address before 429."
+        5,
+        gt=0,
+        description="Failed logins per key or user from one address before 429; an "
+        "address gets 4 times as many over all keys and users, a user 20 times as many "
+        "over all addresses except those it logged in from in the last 30 days.",
     )
     auth_window_s: float = Field(
         60.0,
@@ -90,10 +97,12 @@ class Settings(BaseSettings):
         description="Window in which failed logins count; a locked subject may try again "
         "once the oldest of its counted failures is this old.",
     )
-    trusted_proxies: list[str] = Field(
+    # NoDecode: the variable is read by the validator below, a JSON list or a plain
+    # comma-separated one.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For "
-        "names the client; from any other peer the header is ignored.",
+        "names the client, comma-separated; from any other peer the header is ignored.",
     )
     max_connections: int = Field(
         0,
@@ -163,6 +172,27 @@ class Settings(BaseSettings):
         30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _trusted_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError(
+                        f"{text!r} is neither a JSON list nor comma-separated addresses"
+                    ) from None
+            return text.replace(",", " ").split()
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: list[str]) -> list[str]:
+        TrustedProxies(value)
+        return value
 
     @field_validator("maintenance")
     @classmethod

@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from caspian.auth.ratelimit import LoginLimiter
+from caspian.auth.proxies import TrustedProxies
+from caspian.auth.ratelimit import Kind, LoginLimiter
 from caspian.auth.tokens import TokenExpired, TokenService
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.codes import (
@@ -39,6 +40,7 @@ class RestBackend(Protocol):
     store: Store
     tokens: TokenService
     limiter: LoginLimiter
+    proxies: TrustedProxies
 
     def maintenance_remaining(self) -> float: ...
 
@@ -247,6 +249,14 @@ async def _json_body(request: Request) -> Any:
 _NOT_JSON = object()
 
 
+def client_address(request: Request, proxies: TrustedProxies) -> str:
+    """The client's address: the TCP peer, or whom a trusted proxy says it forwards."""
+    peer = request.client.host if request.client else "unknown"
+    # Several X-Forwarded-For fields are one list, in order (RFC 9110, 5.3).
+    forwarded = request.headers.getlist("x-forwarded-for")
+    return proxies.client(peer, ",".join(forwarded) if forwarded else None)
+
+
 def create_app(
     backend: RestBackend, max_body_bytes: int, metrics_token: str | None = None
 ) -> FastAPI:
@@ -366,26 +376,28 @@ def create_app(
         name, secret = (payload.get(field) for field in fields)
         if not isinstance(name, str) or not isinstance(secret, str) or not name or not secret:
             raise _auth_error(AuthErrorCode.DETAILS_NOT_FOUND, f"{fields[0]} and {fields[1]}")
-        kind = "key" if auth_type == "Key" else "user"
-        client = request.client.host if request.client else "unknown"
-        subjects = (f"{kind}:{name}", f"addr:{client}")
-        wait = backend.limiter.retry_after(subjects)
-        if wait:
+        kind: Kind = "key" if auth_type == "Key" else "user"
+        attempt = backend.limiter.begin(kind, name, client_address(request, backend.proxies))
+        if isinstance(attempt, int):
             raise ApiError(
                 429,
                 int(RestErrorCode.TOO_MANY_REQUESTS),
                 "Too many failed logins; try again later",
-                {"Retry-After": str(wait)},
+                {"Retry-After": str(attempt)},
             )
-        if kind == "key":
-            key = await store.verify_key(name, secret)
-            subject, user = (key.key_id, key.user) if key else (None, None)
-        else:
-            found = await store.verify_credential(name, secret)
-            subject, user = (found.name, found.name) if found else (None, None)
-        if subject is None or user is None:
-            backend.limiter.failed(subjects)
-            return Response(status_code=401)
+        # The attempt holds its place in the limiter's counts across the awaited
+        # check, so that parallel guesses are counted like serial ones.
+        with attempt:
+            if kind == "key":
+                key = await store.verify_key(name, secret)
+                subject, user = (key.key_id, key.user) if key else (None, None)
+            else:
+                found = await store.verify_credential(name, secret)
+                subject, user = (found.name, found.name) if found else (None, None)
+            if subject is None or user is None:
+                attempt.failed()
+                return Response(status_code=401)
+            attempt.succeeded()
         issued = backend.tokens.issue(kind, subject, user)
         return json_response(
             {"accessToken": issued.token, "expiration": format_us(issued.claims.expires_us)}
