@@ -330,3 +330,41 @@ def test_token_refresh_moves_the_session_to_the_new_tokens_principal() -> None:
     )
     session.token_checked("t", TokenCheck(TokenRefreshCode.OK, "alice", 20, None, ("key", "NEW")))
     assert session.principal == ("key", "NEW")
+
+
+def test_a_revoked_entitlement_ends_its_subscriptions_with_205() -> None:
+    session = make()
+    session.receive(subscribe("g"))
+    session.receive(subscribe("b1", symbol=BITMEX.caspian_code))
+    session.receive(subscribe("b2", symbol=BITMEX.caspian_code, type="Level2"))
+
+    actions = session.entitle(frozenset({"GEMINI"}))
+    # Each subscription is stopped before its answer, so no update of it follows the 205.
+    assert [type(action) for action in actions] == [Stop, Send, Stop, Send]
+    stopped = [action.subscription.request_id for action in actions if isinstance(action, Stop)]
+    assert stopped == ["b1", "b2"]
+    assert sent(actions) == [
+        {
+            "requestId": request_id,
+            "type": "SubscribeResponse",
+            "payload": {
+                "code": 205,
+                "message": "Not authorized: the entitlement to BITMEX was revoked",
+            },
+        }
+        for request_id in ("b1", "b2")
+    ]
+    assert set(session.subscriptions) == {"g"}
+    assert session.exchanges == frozenset({"GEMINI"})
+    assert code_of(session.receive(subscribe("b3", symbol=BITMEX.caspian_code))) == 205
+
+    # Granted back: nothing to stop, and the same stream may be subscribed again (not 204).
+    assert session.entitle(None) == []
+    assert code_of(session.receive(subscribe("b1", symbol=BITMEX.caspian_code))[:1]) == 200
+    assert session.entitle(frozenset({"GEMINI", "BITMEX"})) == []
+
+    # Every exchange revoked ends every subscription.
+    actions = session.entitle(frozenset())
+    stopped = {action.subscription.request_id for action in actions if isinstance(action, Stop)}
+    assert stopped == {"g", "b1"} and not session.subscriptions
+    assert {message["payload"]["code"] for message in sent(actions)} == {205}

@@ -600,12 +600,12 @@ async def test_store_failure_during_authentication_closes_3004(tmp_path: Path) -
     running = start_service(tmp_path)
     try:
         token = await asyncio.to_thread(running.token)
-        gateway = running.listening.service.gateway
+        store = running.listening.service.store
 
         async def broken(kind: str, subject: str) -> Any:
             raise RuntimeError("store exploded")
 
-        gateway._principal = broken
+        store.principal = broken  # type: ignore[method-assign]
         c = await StreamClient.open(running.stream_url, token)
         assert await c.closed_with() == 3004
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from caspian.auth.access import AccessCheck
 from caspian.auth.proxies import TrustedProxies
 from caspian.auth.ratelimit import LoginLimiter
 from caspian.auth.tokens import TokenService, load_or_create_secret
@@ -138,6 +139,7 @@ class Service:
             private_dir(settings.data_dir)
         secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
         self.tokens = TokenService(secret, settings.token_ttl_s)
+        self.access = AccessCheck(self.tokens, self.store)
         self.limiter = LoginLimiter(settings.auth_max_failures, settings.auth_window_s)
         self.proxies = TrustedProxies(settings.trusted_proxies)
         self._window = (
@@ -157,8 +159,7 @@ class Service:
         )
         self.gateway = Gateway(
             self.hub,
-            self.tokens,
-            self._principal,
+            self.access,
             self._resolve,
             StreamSettings(
                 heartbeat_s=settings.heartbeat_s,
@@ -183,12 +184,6 @@ class Service:
 
     def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
         return self.catalog.resolve(symbol, symbol_type)
-
-    async def _principal(self, kind: str, subject: str) -> tuple[str, frozenset[str] | None] | None:
-        principal = await self.store.principal(kind, subject)
-        if principal is None:
-            return None
-        return principal.user, principal.exchanges
 
     async def _sync_sessions(self, opened: list[SessionInfo], closed: list[str]) -> GatewaySync:
         return await self.store.sync_gateway(

@@ -364,9 +364,10 @@ class StreamConnection(asyncio.Protocol):
         return self._registration if not self._closing else None
 
     def entitle(self, exchanges: frozenset[str] | None) -> None:
-        """New entitlements; they apply to the Subscribes that follow."""
-        if self._session is not None:
-            self._session.exchanges = exchanges
+        """New entitlements: they apply to the Subscribes that follow, and subscriptions
+        to an exchange no longer allowed end with a SubscribeResponse 205."""
+        if self._session is not None and not self._closing:
+            self._act(self._session.entitle(exchanges))
 
     def heartbeat(self) -> None:
         if self._closing or self._ws.state is not State.OPEN:

@@ -9,21 +9,18 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from caspian.auth.tokens import TokenClaims, TokenExpired, TokenService
+from caspian.auth.access import AccessCheck, Denied, Grant, Reason, denial
 from caspian.codes import CloseCode, TokenRefreshCode
 from caspian.gateway.hub import Hub
 from caspian.gateway.registry import Lost, Registry
 from caspian.gateway.session import Resolver, SessionLimits, TokenCheck
-from caspian.store import GatewaySync, SessionInfo
+from caspian.store import GatewaySync, SessionInfo, StoreError
 
 if TYPE_CHECKING:
     from caspian.gateway.connection import StreamConnection
 
 log = logging.getLogger(__name__)
 
-#: Looks up who a token speaks for: ``(kind, subject)`` -> ``(user, exchanges)``,
-#: None when the key was revoked or the user is gone. Raises when the store is down.
-PrincipalLookup = Callable[[str, str], Awaitable[tuple[str, frozenset[str] | None] | None]]
 #: Syncs this gateway's sessions with the cluster's registry: ``(opened, closed)`` -> the
 #: store's answer (``Store.sync_gateway``). Raises when the store is down.
 SessionSync = Callable[[list[SessionInfo], list[str]], Awaitable[GatewaySync]]
@@ -44,16 +41,14 @@ class Gateway:
     def __init__(
         self,
         hub: Hub,
-        tokens: TokenService,
-        principal: PrincipalLookup,
+        access: AccessCheck,
         resolve: Resolver,
         settings: StreamSettings,
         in_maintenance: Callable[[], float],
         sync_sessions: SessionSync,
     ) -> None:
         self.hub = hub
-        self.tokens = tokens
-        self._principal = principal
+        self.access = access
         self._sync_sessions = sync_sessions
         self._registry = Registry()
         self.resolve = resolve
@@ -90,22 +85,14 @@ class Gateway:
 
         Store failures propagate: the caller decides what an internal fault means.
         """
-        try:
-            claims: TokenClaims = self.tokens.verify(token)
-        except TokenExpired:
-            return TokenCheck(TokenRefreshCode.EXPIRED), CloseCode.TOKEN_EXPIRED
-        except Exception:
+        access = await self.access.check(token)
+        if isinstance(access, Denied):
+            log.debug("refused a stream token: %s", access.reason.value)
+            if access.reason is Reason.EXPIRED:
+                return TokenCheck(TokenRefreshCode.EXPIRED), CloseCode.TOKEN_EXPIRED
             return TokenCheck(TokenRefreshCode.INVALID), CloseCode.TOKEN_INVALID
-        found = await self._principal(claims.kind, claims.subject)
-        if found is None:
-            return TokenCheck(TokenRefreshCode.INVALID), CloseCode.TOKEN_INVALID
-        user, exchanges = found
         check = TokenCheck(
-            TokenRefreshCode.OK,
-            user,
-            claims.expires_us,
-            exchanges,
-            (claims.kind, claims.subject),
+            TokenRefreshCode.OK, access.user, access.expires_us, access.exchanges, access.grant
         )
         return check, None
 
@@ -135,11 +122,12 @@ class Gateway:
                 log.warning("could not re-check stream sessions: %s", exc)
 
     async def _recheck_principals(self) -> None:
-        """Close the sessions of revoked keys (3001); keep entitlements current.
+        """Close the sessions whose token no longer works (3001); keep entitlements current.
 
-        A revoked key is refused at connection and at TokenRefresh, but a
-        session opened before would otherwise live until its token expires.
-        One store query per distinct key or user, however many connections.
+        A revoked key, a disabled user and a token older than its user's password change
+        are refused at connection and at TokenRefresh, but a session opened before would
+        otherwise live until its token expires. One store query per distinct key or user,
+        however many connections.
         """
         by_principal: dict[tuple[str, str], list[StreamConnection]] = {}
         for connection in list(self.connections):
@@ -147,13 +135,19 @@ class Gateway:
             if principal is not None:
                 by_principal.setdefault(principal, []).append(connection)
         for (kind, subject), connections in by_principal.items():
-            found = await self._principal(kind, subject)
+            found = await self.access.principal(kind, subject)
             for connection in connections:
-                if found is None:
-                    log.info("closing a stream of revoked %s %s", kind, subject)
+                principal = connection.principal
+                if principal is None:
+                    # It closed while the store answered.
+                    continue
+                issued_us = principal.issued_us if isinstance(principal, Grant) else None
+                refused = denial(found, issued_us)
+                if refused is not None:
+                    log.info("closing a stream of %s %s: %s", kind, subject, refused.reason.value)
                     connection.close(CloseCode.TOKEN_INVALID)
-                else:
-                    connection.entitle(found[1])
+                elif found is not None:
+                    connection.entitle(found.exchanges)
 
     async def _sync_registry(self) -> Lost:
         """Report opened and closed sessions; close those ended on the server (3003)."""
@@ -166,6 +160,7 @@ class Gateway:
         lost = self._registry.synced(sent, await self._sync_sessions(sent.opened, sent.closed))
         for key in lost.ended:
             info, connection = open_now[key]
+            await self._end_token(connection)
             # It may have closed by itself while the store answered.
             if connection.registration is not None:
                 log.info(
@@ -177,6 +172,18 @@ class Gateway:
                 )
                 connection.close(CloseCode.SESSION_NOT_FOUND)
         return lost
+
+    async def _end_token(self, connection: StreamConnection) -> None:
+        """Refuse the token of a session ended on the server, before closing it: the
+        client cannot connect again with it, and must log in anew."""
+        grant = connection.principal
+        if not isinstance(grant, Grant):
+            return
+        try:
+            await self.access.end(grant)
+        except StoreError as exc:
+            # The session still ends; only a reconnect with that token is not stopped.
+            log.warning("could not record the token of an ended session as ended: %s", exc)
 
     async def _beat(self) -> None:
         """One timer for every connection: cheaper than a task per connection."""

@@ -331,3 +331,30 @@ class Session:
         self.subscriptions.clear()
         self._by_stream.clear()
         return stops
+
+    def entitle(self, exchanges: frozenset[str] | None) -> list[Action]:
+        """New entitlements (None: every exchange), from the gateway's re-check.
+
+        Subscriptions to an exchange no longer allowed end here: each is stopped, then
+        answered with a SubscribeResponse 205 under its own requestId, so that no update
+        of it follows that answer and the client knows which subscription ended.
+        """
+        self.exchanges = exchanges
+        if exchanges is None:
+            return []
+        actions: list[Action] = []
+        for request_id, subscription in list(self.subscriptions.items()):
+            exchange = subscription.product.exchange
+            if exchange in exchanges:
+                continue
+            del self.subscriptions[request_id]
+            del self._by_stream[(subscription.product.caspian_code, subscription.type)]
+            actions.append(Stop(subscription))
+            actions.append(
+                _subscribe_response(
+                    request_id,
+                    SubscribeCode.NOT_AUTHORIZED,
+                    f"the entitlement to {exchange} was revoked",
+                )
+            )
+        return actions

@@ -20,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from caspian.auth.access import AccessCheck, Denied
 from caspian.auth.proxies import TrustedProxies
 from caspian.auth.ratelimit import Kind, LoginLimiter
-from caspian.auth.tokens import TokenExpired, TokenService
+from caspian.auth.tokens import TokenService
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.codes import (
     AUTH_ERROR_MESSAGES,
@@ -315,22 +316,17 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
+    access_check = AccessCheck(backend.tokens, store)
+
     async def require_token(request: Request) -> None:
         header = request.headers.get("authorization", "").strip()
         if header[:7].lower() == "bearer ":
             header = header[7:].strip()
         if not header:
             raise ApiError(401, int(RestErrorCode.UNAUTHORIZED), "Access token not found")
-        try:
-            claims = backend.tokens.verify(header)
-        except TokenExpired:
-            raise ApiError(401, int(RestErrorCode.UNAUTHORIZED), "Token has expired") from None
-        except Exception:
-            raise ApiError(
-                401, int(RestErrorCode.UNAUTHORIZED), "Supplied token is not valid"
-            ) from None
-        if await store.principal(claims.kind, claims.subject) is None:
-            raise ApiError(401, int(RestErrorCode.UNAUTHORIZED), "Supplied token is not valid")
+        access = await access_check.check(header)
+        if isinstance(access, Denied):
+            raise ApiError(401, int(RestErrorCode.UNAUTHORIZED), access.message)
 
     @app.post(
         "/v1/auth/authenticate",
