@@ -159,16 +159,35 @@ async def test_protocol_errors_keep_the_connection(service: RunningService) -> N
     await c.close()
 
 
-async def test_binary_and_fragmented_messages_are_read(service: RunningService) -> None:
+async def test_fragmented_messages_are_read_and_binary_ones_refused(
+    service: RunningService,
+) -> None:
     c = await client(service)
     payload = orjson.dumps(
         {"requestId": "frag", "type": "Subscribe", "payload": {"symbol": SYMBOL, "type": "Level1"}}
     ).decode()
     await c.ws.send(iter([payload[:10], payload[10:30], payload[30:]]))
     assert (await c.response("frag"))["payload"]["code"] == 200
-    await c.ws.send(orjson.dumps({"requestId": "bin", "type": "Nope"}))
-    assert (await c.wait_for(lambda m: m["type"] == "ProtocolError"))["payload"]["code"] == 103
+    # A request in a binary frame is not parsed: it gets 100 and says why.
+    request = {"requestId": "bin", "type": "Subscribe", "payload": {"symbol": SYMBOL}}
+    await c.ws.send(orjson.dumps(request))
+    error = await c.wait_for(lambda m: m["type"] == "ProtocolError")
+    assert error["payload"]["code"] == 100
+    assert "Binary" in error["payload"]["message"]
+    await c.ws.send(iter([b'{"requestId":', b'"bin2"}']))
+    error = await c.wait_for(lambda m: m["type"] == "ProtocolError")
+    assert error["payload"]["code"] == 100
+    # Still open and served.
+    await c.subscribe(SYMBOL, type_="Level2", request_id="after")
     await c.close()
+
+
+async def test_invalid_utf8_in_a_text_message_closes_1007(service: RunningService) -> None:
+    c = await client(service)
+    # A str is always valid UTF-8: the frame is written through the protocol below.
+    c.ws.protocol.send_text(b'{"requestId":"\xff\xfe","type":"Subscribe"}')
+    c.ws.send_data()
+    assert await c.closed_with() == 1007
 
 
 async def test_oversized_message_closes_1009(service: RunningService) -> None:
@@ -588,6 +607,7 @@ async def test_maintenance_closes_1001_and_refuses(tmp_path: Path) -> None:
         service = running.listening.service
         service._window = MaintenanceWindow(0, 7 * 86_400)
         assert await c.closed_with(within=5) == 1001
+        assert c.close_reason == "Service maintenance"
         with pytest.raises(InvalidStatus) as info:
             await connect(running.stream_url)
         assert info.value.response.status_code == 503
@@ -612,12 +632,15 @@ async def test_store_failure_during_authentication_closes_3004(tmp_path: Path) -
         running.stop()
 
 
-async def test_shutdown_closes_1001(tmp_path: Path) -> None:
+async def test_shutdown_closes_1001_saying_so_after_what_was_sent(tmp_path: Path) -> None:
     running = start_service(tmp_path)
     c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
     await c.subscribe(SYMBOL)
+    started = asyncio.get_running_loop().time()
     await asyncio.to_thread(running.stop)
     assert await c.closed_with(within=10) == 1001
+    assert c.close_reason == "Server shutting down"
+    assert asyncio.get_running_loop().time() - started < 10
 
 
 async def test_revoking_a_key_closes_its_open_streams_3001(tmp_path: Path) -> None:

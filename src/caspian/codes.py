@@ -146,6 +146,7 @@ class CloseCode(IntEnum):
     """WebSocket close codes (RFC 6455 ones and the original's 3000 range)."""
 
     GOING_AWAY = 1001
+    INVALID_PAYLOAD = 1007
     MESSAGE_TOO_BIG = 1009
     TOKEN_NOT_FOUND = 3000
     TOKEN_INVALID = 3001
@@ -154,10 +155,12 @@ class CloseCode(IntEnum):
     INTERNAL = 3004
     PONG_NOT_RECEIVED = 3006
     QUEUE_LIMIT = 3007
+    CONNECTION_LIMIT = 3008
 
 
 CLOSE_REASONS: dict[CloseCode, str] = {
-    CloseCode.GOING_AWAY: "Service maintenance",
+    CloseCode.GOING_AWAY: "Server shutting down",
+    CloseCode.INVALID_PAYLOAD: "Invalid UTF-8 in a text message",
     CloseCode.MESSAGE_TOO_BIG: "Message too big",
     CloseCode.TOKEN_NOT_FOUND: "Access token not found",
     CloseCode.TOKEN_INVALID: "Supplied token is not valid",
@@ -166,7 +169,10 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.INTERNAL: "Internal issue",
     CloseCode.PONG_NOT_RECEIVED: "Pong message not received",
     CloseCode.QUEUE_LIMIT: "Message queue limit reached",
+    CloseCode.CONNECTION_LIMIT: "Too many open connections for this key or user",
 }
+#: The reason of 1001 when a maintenance window begins, rather than a shutdown.
+MAINTENANCE_REASON = "Service maintenance"
 
 
 class AuthErrorCode(IntEnum):

@@ -41,6 +41,27 @@ STREAM_CLOSES = Counter(
     "caspian_stream_closes_total", "Stream connections closed by the server.", ["code"]
 )
 
+#: Client connections refused or cut before their request was served, by HTTP
+#: status: 503 server full, 429 address over its limit, 408 request head too
+#: slow, 431 request head too large.
+CONNECTIONS_REFUSED = Counter(
+    "caspian_connections_refused_total",
+    "Client connections refused at the connection limits.",
+    ["status"],
+)
+
+#: Client connections (REST and stream) open now, and the limit on them.
+CLIENT_CONNECTIONS = Gauge("caspian_client_connections", "Open client connections.")
+CLIENT_CONNECTIONS_LIMIT = Gauge(
+    "caspian_client_connections_limit", "Client connections the server accepts at most."
+)
+
+#: Inbound stream messages held back by the per-connection rate limit.
+MESSAGES_PACED = Counter(
+    "caspian_stream_messages_paced_total",
+    "Inbound stream messages that waited for their connection's rate limit.",
+)
+
 #: Active subscriptions, by type (Level1, Level2).
 SUBSCRIPTIONS = Gauge("caspian_stream_subscriptions", "Active subscriptions.", ["type"])
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 
+from caspian.auth.proxies import TrustedProxies
 from caspian.gateway.connection import STREAM_PATH, StreamConnection
+from caspian.guard import (
+    ConnectionLimits,
+    GuardedHttp,
+    connection_limit,
+    raise_open_file_limit,
+)
+from caspian.metrics import CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_LIMIT
 from caspian.service import Service
 from caspian.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +67,16 @@ async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None
     sock = listen_socket(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()
+        limits = client_limits(settings, service.proxies)
         config = uvicorn.Config(
             service.rest,
-            ws=StreamConnection.bound(service.gateway),
+            http=GuardedHttp.bound(
+                limits,
+                settings.handshake_timeout_s,
+                settings.max_header_bytes,
+                settings.max_headers,
+            ),
+            ws=StreamConnection.bound(service.gateway, limits),
             lifespan="off",
             log_level=settings.log_level,
             access_log=False,
@@ -82,3 +100,26 @@ async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None
     finally:
         sock.close()
         await service.stop()
+
+
+def client_limits(settings: Settings, proxies: TrustedProxies) -> ConnectionLimits:
+    """The connection limits, the total one kept below the open-file limit."""
+    open_files = raise_open_file_limit()
+    total = connection_limit(settings.max_connections, open_files)
+    if total > open_files:
+        log.warning(
+            "CASPIAN_MAX_CONNECTIONS=%d is above the open-file limit (%d): connections past "
+            "that will fail to be accepted",
+            total,
+            open_files,
+        )
+    log.info("open-file limit %d: up to %d client connections", open_files, total)
+    CLIENT_CONNECTIONS_LIMIT.set(total)
+    limits = ConnectionLimits(
+        total,
+        settings.max_connections_per_address,
+        settings.max_streams_per_principal,
+        proxies.__contains__,
+    )
+    CLIENT_CONNECTIONS.set_function(lambda: limits.open)
+    return limits

@@ -23,7 +23,7 @@ from caspian.catalog.builtin import builtin_products
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
 from caspian.catalog.product import ProductSpec
-from caspian.codes import CloseCode, Stream, StreamState, SymbolType
+from caspian.codes import MAINTENANCE_REASON, CloseCode, Stream, StreamState, SymbolType
 from caspian.events import StatusEvent
 from caspian.files import private_dir
 from caspian.gateway.gateway import Gateway, StreamSettings
@@ -166,6 +166,8 @@ class Service:
                 recheck_s=settings.recheck_s,
                 max_queue=settings.max_queue,
                 max_message_bytes=settings.max_message_bytes,
+                max_messages_per_s=settings.max_messages_per_s,
+                max_message_burst=settings.max_message_burst,
                 limits=SessionLimits(
                     max_subscriptions=settings.max_subscriptions,
                     symbol_types=frozenset(settings.symbol_types),
@@ -298,6 +300,6 @@ class Service:
             now_inside = self.maintenance_remaining() > 0
             if now_inside and not inside:
                 log.info("maintenance window: closing all stream connections")
-                self.gateway.close_all(CloseCode.GOING_AWAY)
+                self.gateway.close_all(CloseCode.GOING_AWAY, MAINTENANCE_REASON)
             inside = now_inside
             await asyncio.sleep(1.0)

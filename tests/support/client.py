@@ -17,6 +17,8 @@ Message = dict[str, Any]
 class StreamClient:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        #: The reason of the server's close frame, once closed_with has seen it.
+        self.close_reason: str | None = None
 
     @classmethod
     async def open(
@@ -72,7 +74,10 @@ class StreamClient:
             while True:
                 await asyncio.wait_for(self.ws.recv(), within)
         except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
+            if exc.rcvd is None:
+                return None
+            self.close_reason = exc.rcvd.reason
+            return exc.rcvd.code
 
     async def close(self) -> None:
         await self.ws.close()

@@ -31,6 +31,7 @@ from websockets.server import ServerProtocol
 
 from caspian.codes import CLOSE_REASONS, CloseCode, ProtocolErrorCode
 from caspian.gateway.gateway import Gateway
+from caspian.gateway.pacing import LogThrottle, TokenBucket
 from caspian.gateway.registry import new_session
 from caspian.gateway.session import (
     Action,
@@ -41,17 +42,23 @@ from caspian.gateway.session import (
     VerifyToken,
     protocol_error,
 )
-from caspian.metrics import STREAM_CLOSES, STREAM_CONNECTIONS
+from caspian.guard import ConnectionLimits
+from caspian.metrics import MESSAGES_PACED, STREAM_CLOSES, STREAM_CONNECTIONS
 from caspian.store import SessionInfo
 from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
+_throttled = LogThrottle(log)
 
 STREAM_PATH = "/v1/stream"
 #: How long a closing connection may take to answer before it is cut.
 CLOSE_TIMEOUT_S = 5.0
-#: Messages accepted before authentication completes.
-MAX_EARLY_MESSAGES = 100
+#: The shortest wait for the rate limit: waking per message would cost more
+#: than the messages.
+_MIN_PACING_S = 0.01
+_BINARY_REFUSED = protocol_error(
+    ProtocolErrorCode.NOT_JSON, "Binary messages are not accepted: send each request as JSON text"
+)
 #: Backlogged frames written per transport.write when a paused client resumes.
 _RESUME_BATCH = 256
 
@@ -91,11 +98,12 @@ class StreamConnection(asyncio.Protocol):
     """One stream client. uvicorn makes one per upgrade, from :meth:`bound`'s class."""
 
     gateway: Gateway
+    limits: ConnectionLimits
 
     @classmethod
-    def bound(cls, gateway: Gateway) -> type[StreamConnection]:
+    def bound(cls, gateway: Gateway, limits: ConnectionLimits) -> type[StreamConnection]:
         """A subclass serving ``gateway``: uvicorn takes a class, not a factory."""
-        return type("BoundStreamConnection", (cls,), {"gateway": gateway})
+        return type("BoundStreamConnection", (cls,), {"gateway": gateway, "limits": limits})
 
     def __init__(self, **uvicorn_state: Any) -> None:
         gateway = self._gateway = self.gateway
@@ -109,8 +117,22 @@ class StreamConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._session: Session | None = None
         self._registration: SessionInfo | None = None
-        self._early: list[bytes] = []
+        #: Messages read and not yet processed, with whether each came as text:
+        #: those sent before the token check completes, behind a token check
+        #: in flight, or over the rate limit. Past ``max_message_burst`` of
+        #: them the socket is not read (TCP backpressure): never dropped.
+        self._inbox: deque[tuple[bytes, bool]] = deque()
+        settings = gateway.settings
+        self._bucket = TokenBucket(
+            settings.max_messages_per_s, settings.max_message_burst, self._loop.time()
+        )
+        self._inbox_limit = settings.max_message_burst
+        #: A token check in flight: the messages after it wait, in order.
+        self._checking = False
+        self._reading_paused = False
+        self._drain_handle: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
+        self._fragments_text = False
         self._out: list[bytes] = []
         #: Waiting in the gateway's flush list.
         self._flush_queued = False
@@ -158,11 +180,15 @@ class StreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._end_session()
-        for handle in (self._expiry, self._abort):
+        for handle in (self._expiry, self._abort, self._drain_handle):
             if handle is not None:
                 handle.cancel()
-        for task in self._tasks:
-            task.cancel()
+        # Token checks in flight are left to finish, not cancelled: cancelling
+        # one inside the store's driver leaked its database connection. They
+        # find the connection closing and do nothing more.
+        if self._transport is not None:
+            self.limits.release(self._transport)
+        self._inbox.clear()
         self._backlog.clear()
         self._out.clear()
         if self in self._gateway.connections:
@@ -173,7 +199,7 @@ class StreamConnection(asyncio.Protocol):
         self._transport = None
 
     def shutdown(self) -> None:
-        """uvicorn is stopping."""
+        """uvicorn is stopping: what was sent is flushed, then 1001."""
         self.close(CloseCode.GOING_AWAY)
 
     # -- handshake ---------------------------------------------------------
@@ -205,15 +231,25 @@ class StreamConnection(asyncio.Protocol):
         try:
             check, close_code = await self._gateway.check_token(token)
         except Exception:
-            log.exception("could not check a stream token")
+            _throttled.exception("authenticate", "could not check a stream token")
             self.close(CloseCode.INTERNAL)
+            return
+        if self._closing:
             return
         if close_code is not None:
             self.close(close_code)
             return
-        if self._closing:
-            return
         assert check.user is not None and check.expires_us is not None
+        assert self._transport is not None
+        principal = check.principal or ("user", check.user)
+        if not self.limits.admit_stream(self._transport, principal):
+            _throttled.warning(
+                f"streams {principal}",
+                f"closing a stream of {principal[0]} {principal[1]}: "
+                f"{self.limits.streams_per_principal} open, the limit",
+            )
+            self.close(CloseCode.CONNECTION_LIMIT)
+            return
         self._session = Session(
             check.user,
             check.exchanges,
@@ -227,9 +263,7 @@ class StreamConnection(asyncio.Protocol):
             check.user, check.principal, self._transport.get_extra_info("peername")
         )
         self._schedule_expiry()
-        early, self._early = self._early, []
-        for message in early:
-            self._on_message(message)
+        self._drain()
         self.flush()
 
     # -- inbound ---------------------------------------------------------
@@ -238,37 +272,72 @@ class StreamConnection(asyncio.Protocol):
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                self._on_message(bytes(frame.data))
+                self._on_message(bytes(frame.data), opcode is Opcode.TEXT)
             else:
                 self._fragments = [bytes(frame.data)]
+                self._fragments_text = opcode is Opcode.TEXT
         elif opcode is Opcode.CONT:
             self._fragments.append(bytes(frame.data))
             if frame.fin:
                 message = b"".join(self._fragments)
                 self._fragments = []
-                self._on_message(message)
+                self._on_message(message, self._fragments_text)
         elif opcode is Opcode.PONG:
             self._awaiting_pong = False
 
-    def _on_message(self, message: bytes) -> None:
+    def _on_message(self, message: bytes, text: bool) -> None:
         if self._closing:
             return
-        session = self._session
-        if session is None:
-            if len(self._early) < MAX_EARLY_MESSAGES:
-                self._early.append(message)
-            else:
-                self._send(
-                    protocol_error(
-                        ProtocolErrorCode.CANNOT_PROCESS, "Too many messages before authentication"
-                    )
+        if text:
+            try:
+                message.decode()
+            except UnicodeDecodeError:
+                # RFC 6455: a text message must be UTF-8, and 1007 says it was not.
+                self.close(CloseCode.INVALID_PAYLOAD)
+                return
+        self._inbox.append((message, text))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Processes held messages as far as authentication, token checks and the rate allow."""
+        self._drain_handle = None
+        inbox = self._inbox
+        now = self._loop.time()
+        while inbox and not self._closing and self._session is not None and not self._checking:
+            if not self._bucket.take(now):
+                MESSAGES_PACED.inc()
+                self._drain_handle = self._loop.call_later(
+                    max(_MIN_PACING_S, self._bucket.wait(now)), self._drain_later
                 )
+                break
+            message, text = inbox.popleft()
+            self._process(message, text)
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if len(inbox) >= self._inbox_limit:
+            if not self._reading_paused:
+                self._reading_paused = True
+                transport.pause_reading()
+        elif self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _drain_later(self) -> None:
+        self._drain()
+        self.flush()
+
+    def _process(self, message: bytes, text: bool) -> None:
+        session = self._session
+        assert session is not None
+        if not text:
+            self._send(_BINARY_REFUSED)
             return
         try:
             actions = session.receive(message)
             self._act(actions)
         except Exception:
-            log.exception("processing a stream message failed")
+            _throttled.exception("message", "processing a stream message failed")
             self._send(protocol_error(ProtocolErrorCode.CANNOT_PROCESS))
 
     def _act(self, actions: list[Action]) -> None:
@@ -281,20 +350,26 @@ class StreamConnection(asyncio.Protocol):
             elif isinstance(action, Stop):
                 hub.remove(action.subscription)
             elif isinstance(action, VerifyToken):
+                # One check at a time per connection: a TokenRefresh flood
+                # then costs the store one query at a time, not thousands.
+                self._checking = True
                 self._spawn(self._refresh(action))
 
     async def _refresh(self, action: VerifyToken) -> None:
         try:
             check, _ = await self._gateway.check_token(action.token)
         except Exception:
-            log.exception("could not check a refreshed token")
+            _throttled.exception("refresh", "could not check a refreshed token")
             self.close(CloseCode.INTERNAL)
             return
+        finally:
+            self._checking = False
         session = self._session
         if session is None or self._closing:
             return
         self._act(session.token_checked(action.request_id, check))
         self._schedule_expiry()
+        self._drain()
         self.flush()
 
     # -- outbound --------------------------------------------------------
@@ -322,7 +397,9 @@ class StreamConnection(asyncio.Protocol):
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
         if len(self._backlog) >= self._gateway.settings.max_queue:
-            log.info("closing a slow client: %d messages undelivered", len(self._backlog))
+            _throttled.info(
+                "slow", f"closing a slow client: {len(self._backlog)} messages undelivered"
+            )
             self.close(CloseCode.QUEUE_LIMIT)
 
     def flush(self) -> None:
@@ -372,26 +449,39 @@ class StreamConnection(asyncio.Protocol):
     def heartbeat(self) -> None:
         if self._closing or self._ws.state is not State.OPEN:
             return
-        if self._awaiting_pong:
+        # While its messages wait for the rate limit the socket is not read,
+        # so its pong may be there unread: that silence is ours, not the client's.
+        if self._awaiting_pong and not self._reading_paused:
             self.close(CloseCode.PONG_NOT_RECEIVED)
             return
         self._awaiting_pong = True
         self._ws.send_ping(b"")
         self._write_protocol_output()
 
-    def close(self, code: CloseCode) -> None:
-        """Close with ``code``; undelivered messages are dropped."""
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close with ``code``, after what was already sent (3007 drops that backlog)."""
         if self._closing:
             return
         self._closing = True
         STREAM_CLOSES.labels(str(int(code))).inc()
+        self._inbox.clear()
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
+        transport = self._transport
+        if code is not CloseCode.QUEUE_LIMIT and transport is not None:
+            # The transport buffers beyond its high-water mark; the close
+            # frame follows, and CLOSE_TIMEOUT_S bounds the wait for the client.
+            pending = b"".join((*self._backlog, *self._out))
+            if pending:
+                transport.write(pending)
         self._backlog.clear()
         self._out.clear()
         # A close can come from inside the hub's fan-out (3007): leave the
         # hub alone until that delivery loop is over.
         self._loop.call_soon(self._end_session)
         if self._ws.state is State.OPEN:
-            self._ws.send_close(int(code), CLOSE_REASONS[code])
+            self._ws.send_close(int(code), reason or CLOSE_REASONS[code])
         self._write_protocol_output()
 
     def _end_session(self) -> None:

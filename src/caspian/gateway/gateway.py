@@ -35,6 +35,9 @@ class StreamSettings:
     max_queue: int
     max_message_bytes: int
     limits: SessionLimits
+    #: Inbound messages per second per connection, and at once.
+    max_messages_per_s: float
+    max_message_burst: int
 
 
 class Gateway:
@@ -195,9 +198,9 @@ class Gateway:
                 except Exception:
                     log.exception("heartbeat of a connection failed")
 
-    def close_all(self, code: CloseCode) -> None:
+    def close_all(self, code: CloseCode, reason: str | None = None) -> None:
         for connection in list(self.connections):
-            connection.close(code)
+            connection.close(code, reason)
 
     async def stop(self) -> None:
         for task in self._tasks:
