@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
@@ -24,6 +25,7 @@ import pytest
 
 from caspian.catalog.ccxt_markets import products_from_ccxt
 from caspian.catalog.importer import fetch_ccxt_markets
+from caspian.store import Store
 from tests.support.cli import caspian, cli_env, fails, ok
 from tests.support.service import start_service
 
@@ -108,6 +110,40 @@ def test_users(data_dir: Path) -> None:
     assert "no user" in fails(data_dir, "users", "grant", "nobody", "--all")
     assert "--all" in fails(data_dir, "users", "grant", "carol")
     assert "--all" in fails(data_dir, "users", "grant", "carol", "GEMINI", "--all")
+
+
+def test_users_disable_enable_and_passwd(data_dir: Path) -> None:
+    ok(data_dir, "users", "create", "erin", "--password-stdin", stdin="first\n")
+
+    def credential_works(password: str) -> bool:
+        async def check() -> bool:
+            store = Store(f"sqlite+aiosqlite:///{data_dir / 'caspian.db'}")
+            try:
+                return await store.verify_credential("erin", password) is not None
+            finally:
+                await store.close()
+
+        return asyncio.run(check())
+
+    def disabled() -> bool:
+        [erin] = json.loads(ok(data_dir, "users", "list", "--json"))
+        return bool(erin["disabled"])
+
+    assert not disabled()
+    assert ok(data_dir, "users", "disable", "erin").strip() == "disabled erin"
+    assert disabled() and not credential_works("first")
+    assert "disabled" in ok(data_dir, "users", "list")
+    assert ok(data_dir, "users", "enable", "erin").strip() == "enabled erin"
+    assert not disabled() and credential_works("first")
+
+    changed = ok(data_dir, "users", "passwd", "erin", "--password-stdin", stdin="second\n")
+    assert changed.strip() == "changed the password of erin"
+    assert credential_works("second") and not credential_works("first")
+    assert "--password-stdin" in fails(data_dir, "users", "passwd", "erin")
+    assert "empty" in fails(data_dir, "users", "passwd", "erin", "--password-stdin", stdin="\n")
+    for command in (("disable",), ("enable",), ("passwd", "--password-stdin")):
+        error = fails(data_dir, "users", command[0], "nobody", *command[1:], stdin="pw\n")
+        assert error == "error: no user 'nobody'"
 
 
 def test_keys(data_dir: Path) -> None:

@@ -339,11 +339,7 @@ def users_create(
     ] = False,
 ) -> None:
     """Create a Credential login (user and password)."""
-    if not password_stdin:
-        raise _fail("give the password on standard input with --password-stdin")
-    password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise _fail("the password on standard input is empty")
+    password = _read_password(password_stdin)
 
     async def action(store: Any) -> None:
         await store.create_user(name, password)
@@ -368,6 +364,7 @@ def users_list(
             "credential": user.has_password,
             "exchanges": "ALL" if user.all_exchanges else ",".join(user.exchanges),
             "created": user.created_time.isoformat(sep=" ", timespec="seconds"),
+            "disabled": user.disabled,
         }
         for user in users
     ]
@@ -375,6 +372,55 @@ def users_list(
 
 
 _UserArgument = Annotated[str, typer.Argument(help="The user.")]
+
+
+def _read_password(password_stdin: bool) -> str:
+    if not password_stdin:
+        raise _fail("give the password on standard input with --password-stdin")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _fail("the password on standard input is empty")
+    return password
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: _UserArgument,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the new password from standard input.")
+    ] = False,
+) -> None:
+    """Set a user's password; every token issued to the user so far stops working."""
+    password = _read_password(password_stdin)
+
+    async def action(store: Any) -> None:
+        await store.set_password(name, password)
+
+    _with_store(action)
+    typer.echo(f"changed the password of {name}")
+
+
+def _set_disabled(name: str, disabled: bool) -> None:
+    async def action(store: Any) -> None:
+        await store.set_disabled(name, disabled)
+
+    _with_store(action)
+    typer.echo(f"{'disabled' if disabled else 'enabled'} {name}")
+
+
+@users_app.command("disable")
+def users_disable(name: _UserArgument) -> None:
+    """Disable a user: no login (password or key) and no token of theirs works; open
+    streams close with 3001 within CASPIAN_RECHECK_S."""
+    _set_disabled(name, True)
+
+
+@users_app.command("enable")
+def users_enable(name: _UserArgument) -> None:
+    """Enable a disabled user again; tokens issued before the disabling stay invalid."""
+    _set_disabled(name, False)
+
+
 _ExchangeArgument = Annotated[str | None, typer.Argument(help="An exchange code.")]
 _AllOption = Annotated[bool, typer.Option("--all", help="Every exchange.")]
 
@@ -415,7 +461,8 @@ def users_grant(
 def users_revoke(
     name: _UserArgument, exchange: _ExchangeArgument = None, all_exchanges: _AllOption = False
 ) -> None:
-    """Stop a user streaming an exchange's products (205 on Subscribe)."""
+    """Stop a user streaming an exchange's products: 205 on Subscribe, and their open
+    subscriptions to it end with 205 within CASPIAN_RECHECK_S."""
     _change_entitlement(name, exchange, all_exchanges, grant=False)
 
 
@@ -505,7 +552,8 @@ def sessions_list(
 
 @sessions_app.command("end")
 def sessions_end(session_id: Annotated[str, typer.Argument(help="The session's id.")]) -> None:
-    """End a stream session: its gateway closes it with 3003 within CASPIAN_RECHECK_S."""
+    """End a stream session: its gateway closes it with 3003 within CASPIAN_RECHECK_S, and
+    its token no longer opens a stream (3001) nor answers on REST (401)."""
 
     async def action(store: Any) -> bool:
         return bool(await store.end_session(session_id))
