@@ -6,6 +6,8 @@ metric of the same name; every part of the service imports them from here.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge
 
 #: Books thrown away and rebuilt from a fresh snapshot, by what forced it:
@@ -78,3 +80,12 @@ LIVE_LAG = Gauge(
     "Delay of a live symbol's book behind the exchange's time stamps.",
     ["exchange", "symbol"],
 )
+
+#: Tasks alive on the service's event loop, counted when ``/metrics`` is read:
+#: a count that keeps growing under churn is a leak (``bench/bench_soak.py``).
+ASYNCIO_TASKS = Gauge("caspian_asyncio_tasks", "Tasks alive on the service's event loop.")
+
+
+def count_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Makes ``ASYNCIO_TASKS`` count the tasks of ``loop``, the service's."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
