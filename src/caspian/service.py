@@ -31,6 +31,7 @@ from caspian.gateway.hub import Hub
 from caspian.gateway.registry import new_id
 from caspian.gateway.session import SessionLimits
 from caspian.maintenance import MaintenanceWindow
+from caspian.metrics import count_tasks
 from caspian.rest.app import create_app
 from caspian.settings import Settings
 from caspian.sources.base import Source
@@ -206,6 +207,7 @@ class Service:
         await seed_reference_data(self.store)
         await self.reload_catalog()
         await self.bus.start()
+        count_tasks(asyncio.get_running_loop())
         self._tasks = [
             asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
             asyncio.create_task(self._watch_maintenance(), name="caspian-maintenance"),
