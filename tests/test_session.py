@@ -365,6 +365,6 @@ def test_a_revoked_entitlement_ends_its_subscriptions_with_205() -> None:
 
     # Every exchange revoked ends every subscription.
     actions = session.entitle(frozenset())
-    stopped = {action.subscription.request_id for action in actions if isinstance(action, Stop)}
-    assert stopped == {"g", "b1"} and not session.subscriptions
+    ended = {action.subscription.request_id for action in actions if isinstance(action, Stop)}
+    assert ended == {"g", "b1"} and not session.subscriptions
     assert {message["payload"]["code"] for message in sent(actions)} == {205}
