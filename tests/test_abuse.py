@@ -271,7 +271,7 @@ async def test_a_flood_of_internal_errors_logs_a_summary_not_a_traceback_each(
     def broken(self: Any, request_id: str, payload: dict[str, Any]) -> Any:
         raise RuntimeError("the unforeseen")
 
-    monkeypatch.setattr(session_module.Session, "_unsubscribe", broken)
+    monkeypatch.setitem(session_module._HANDLERS, "Unsubscribe", broken)
     c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
     count = 400
     with caplog.at_level(logging.ERROR, logger="caspian"):

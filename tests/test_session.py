@@ -8,15 +8,21 @@ import orjson
 import pytest
 
 from caspian.catalog.product import ProductSpec
-from caspian.codes import SubscriptionType, SymbolType, TokenRefreshCode
+from caspian.codes import CloseCode, SubscriptionType, SymbolType, TokenRefreshCode
 from caspian.gateway.session import (
+    CONNECT_CHECK,
+    MAX_PENDING_CHECKS,
+    Close,
+    Ping,
     Send,
     Session,
     SessionLimits,
     Start,
+    State,
     Stop,
     TokenCheck,
     VerifyToken,
+    Wake,
 )
 
 GEMINI = ProductSpec(
@@ -62,14 +68,30 @@ def resolve(symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
     return PRODUCTS[symbol_type].get(symbol)
 
 
+def limits(
+    max_subscriptions: int = 100,
+    symbol_types: frozenset[SymbolType] = frozenset(SymbolType),
+    rate: float = 1e9,
+    burst: int = 1_000_000,
+) -> SessionLimits:
+    return SessionLimits(max_subscriptions, symbol_types, rate, burst)
+
+
+def opened(session: Session, check: TokenCheck) -> Session:
+    """``session`` past its connect-time token check, answered with ``check``."""
+    assert session.connect("token") == [VerifyToken(CONNECT_CHECK, "token")]
+    assert session.token_checked(CONNECT_CHECK, check) == []
+    assert session.state is State.OPEN
+    return session
+
+
 def make(
     exchanges: frozenset[str] | None = None,
     max_subscriptions: int = 100,
     symbol_types: frozenset[SymbolType] = frozenset(SymbolType),
 ) -> Session:
-    return Session(
-        "alice", exchanges, 10**18, SessionLimits(max_subscriptions, symbol_types), resolve
-    )
+    session = Session(limits(max_subscriptions, symbol_types), resolve, lambda: 0.0)
+    return opened(session, TokenCheck(TokenRefreshCode.OK, "alice", 10**18, exchanges))
 
 
 def sent(actions: list[Any]) -> list[dict[str, Any]]:
@@ -318,12 +340,15 @@ def test_close_stops_everything() -> None:
     stops = session.close()
     assert {stop.subscription.request_id for stop in stops} == {"a", "b"}
     assert not session.subscriptions
-    assert code_of(session.receive(subscribe("a"))[:1]) == 200
+    # A closing session handles nothing more.
+    assert session.state is State.CLOSING
+    assert session.receive(subscribe("c")) == []
 
 
 def test_token_refresh_moves_the_session_to_the_new_tokens_principal() -> None:
-    session = Session(
-        "alice", None, 10, SessionLimits(100, frozenset(SymbolType)), resolve, ("key", "OLD")
+    session = opened(
+        Session(limits(), resolve, lambda: 0.0),
+        TokenCheck(TokenRefreshCode.OK, "alice", 10, None, ("key", "OLD")),
     )
     session.receive(
         orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
@@ -368,3 +393,154 @@ def test_a_revoked_entitlement_ends_its_subscriptions_with_205() -> None:
     ended = {action.subscription.request_id for action in actions if isinstance(action, Stop)}
     assert ended == {"g", "b1"} and not session.subscriptions
     assert {message["payload"]["code"] for message in sent(actions)} == {205}
+
+
+# -- lifecycle -------------------------------------------------------------
+
+
+class Clock:
+    """Monotonic seconds and wall-clock microseconds, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.wall = 1_000_000
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall_us(self) -> int:
+        return self.wall
+
+
+def fresh(clock: Clock | None = None, rate: float = 1e9, burst: int = 1_000_000) -> Session:
+    clock = clock or Clock()
+    return Session(limits(rate=rate, burst=burst), resolve, clock.monotonic, clock.wall_us)
+
+
+ALICE = TokenCheck(TokenRefreshCode.OK, "alice", 5_000_000, None, ("key", "K"))
+
+
+def test_no_token_at_connect_closes_3000() -> None:
+    session = fresh()
+    assert session.connect(None) == [Close(CloseCode.TOKEN_NOT_FOUND)]
+    assert session.state is State.CLOSING
+
+
+@pytest.mark.parametrize(
+    ("code", "close"),
+    [
+        (TokenRefreshCode.INVALID, CloseCode.TOKEN_INVALID),
+        (TokenRefreshCode.EXPIRED, CloseCode.TOKEN_EXPIRED),
+    ],
+)
+def test_a_refused_connect_token_closes(code: TokenRefreshCode, close: CloseCode) -> None:
+    session = fresh()
+    session.connect("token")
+    session.receive(subscribe("early"))
+    assert session.token_checked(CONNECT_CHECK, TokenCheck(code)) == [Close(close)]
+    assert session.state is State.CLOSING
+    assert session.receive(subscribe("late")) == []
+
+
+def test_messages_before_the_token_check_are_held_then_all_answered_in_order() -> None:
+    session = fresh()
+    session.connect("token")
+    for index in range(300):
+        assert session.receive(subscribe(f"s{index}")) == []
+    actions = session.token_checked(CONNECT_CHECK, ALICE)
+    answers = [message["requestId"] for message in sent(actions)]
+    assert answers == [f"s{index}" for index in range(300)]
+    assert session.user == "alice" and session.principal == ("key", "K")
+
+
+def test_a_store_failure_during_a_check_closes_3004() -> None:
+    session = fresh()
+    session.connect("token")
+    assert session.token_check_failed(CONNECT_CHECK) == [Close(CloseCode.INTERNAL)]
+    session = opened(fresh(), ALICE)
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    assert session.token_check_failed("t") == [Close(CloseCode.INTERNAL)]
+
+
+def test_messages_past_the_rate_wait_and_the_reading_stops_past_the_burst() -> None:
+    clock = Clock()
+    session = opened(fresh(clock, rate=10.0, burst=5), ALICE)
+    answered = []
+    for index in range(8):
+        actions = session.receive(subscribe(f"s{index}", symbol="nope"))
+        answered += [message["requestId"] for message in sent(actions)]
+        if index < 5:
+            assert not any(isinstance(action, Wake) for action in actions)
+    assert answered == [f"s{index}" for index in range(5)]
+    assert not session.backlogged
+    (wake,) = [action for action in actions if isinstance(action, Wake)]
+    assert wake.delay == pytest.approx(0.1)
+    for index in range(8, 10):
+        session.receive(subscribe(f"s{index}", symbol="nope"))
+    assert session.backlogged
+    clock.now += 0.25
+    answered = [message["requestId"] for message in sent(session.drain())]
+    assert answered == ["s5", "s6"]
+    assert not session.backlogged
+    clock.now += 10
+    assert [message["requestId"] for message in sent(session.drain())] == ["s7", "s8", "s9"]
+
+
+def test_token_checks_in_flight_are_bounded_and_later_messages_keep_their_order() -> None:
+    session = opened(fresh(), ALICE)
+
+    def refresh(request_id: str) -> bytes:
+        return orjson.dumps(
+            {"requestId": request_id, "type": "TokenRefresh", "payload": {"accessToken": "x"}}
+        )
+
+    verifies = []
+    for index in range(MAX_PENDING_CHECKS + 2):
+        verifies += [a for a in session.receive(refresh(f"t{index}")) if isinstance(a, VerifyToken)]
+    assert [v.request_id for v in verifies] == [f"t{i}" for i in range(MAX_PENDING_CHECKS)]
+    # A duplicate of a check in flight is still 204 while fewer are in flight.
+    session = opened(fresh(), ALICE)
+    session.receive(refresh("t"))
+    assert code_of(session.receive(refresh("t"))) == 204
+
+
+def test_heartbeat_pings_and_closes_3006_when_unanswered() -> None:
+    session = opened(fresh(), ALICE)
+    assert session.heartbeat() == [Ping()]
+    session.pong()
+    assert session.heartbeat() == [Ping()]
+    assert session.heartbeat() == [Close(CloseCode.PONG_NOT_RECEIVED)]
+
+
+def test_no_3006_while_the_server_is_not_reading() -> None:
+    clock = Clock()
+    session = opened(fresh(clock, rate=1.0, burst=2), ALICE)
+    for index in range(4):
+        session.receive(subscribe(f"s{index}"))
+    assert session.backlogged
+    assert session.heartbeat() == [Ping()]
+    assert session.heartbeat() == [Ping()]
+
+
+def test_the_token_expiry_closes_3002_unless_refreshed() -> None:
+    clock = Clock()
+    session = opened(fresh(clock), ALICE)
+    assert session.expiry() == []
+    clock.wall = ALICE.expires_us or 0
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    session.token_checked("t", TokenCheck(TokenRefreshCode.OK, "alice", clock.wall + 10, None))
+    assert session.expiry() == []
+    clock.wall += 10
+    assert session.expiry() == [Close(CloseCode.TOKEN_EXPIRED)]
+
+
+def test_invalid_utf8_closes_1007_and_binary_answers_100() -> None:
+    session = opened(fresh(), ALICE)
+    (message,) = sent(session.receive(subscribe("b"), text=False))
+    assert message["payload"]["code"] == 100
+    assert "Binary" in message["payload"]["message"]
+    assert session.receive(b'{"requestId":"\xff"}') == [Close(CloseCode.INVALID_PAYLOAD)]

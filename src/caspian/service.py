@@ -167,11 +167,11 @@ class Service:
                 recheck_s=settings.recheck_s,
                 max_queue=settings.max_queue,
                 max_message_bytes=settings.max_message_bytes,
-                max_messages_per_s=settings.max_messages_per_s,
-                max_message_burst=settings.max_message_burst,
                 limits=SessionLimits(
                     max_subscriptions=settings.max_subscriptions,
                     symbol_types=frozenset(settings.symbol_types),
+                    max_messages_per_s=settings.max_messages_per_s,
+                    max_message_burst=settings.max_message_burst,
                 ),
             ),
             self.maintenance_remaining,

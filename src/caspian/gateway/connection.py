@@ -1,4 +1,4 @@
-"""The socket shell around a :class:`~caspian.gateway.session.Session`.
+"""The socket shell around a :class:`~caspian.gateway.session.Session`: transport, frames, timers.
 
 uvicorn hands every WebSocket upgrade to this asyncio protocol (its ``ws``
 protocol class), so REST and the stream share one address while stream
@@ -29,19 +29,24 @@ from websockets.http11 import Request
 from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
 
-from caspian.codes import CLOSE_REASONS, CloseCode, ProtocolErrorCode
+from caspian.codes import CLOSE_REASONS, CloseCode
 from caspian.gateway.gateway import Gateway
-from caspian.gateway.pacing import LogThrottle, TokenBucket
+from caspian.gateway.pacing import LogThrottle
 from caspian.gateway.registry import new_session
 from caspian.gateway.session import (
+    CONNECT_CHECK,
     Action,
+    Close,
+    Ping,
     Send,
     Session,
     Start,
     Stop,
+    TokenCheck,
     VerifyToken,
-    protocol_error,
+    Wake,
 )
+from caspian.gateway.session import State as SessionState
 from caspian.guard import ConnectionLimits
 from caspian.metrics import MESSAGES_PACED, STREAM_CLOSES, STREAM_CONNECTIONS
 from caspian.store import SessionInfo
@@ -53,12 +58,6 @@ _throttled = LogThrottle(log)
 STREAM_PATH = "/v1/stream"
 #: How long a closing connection may take to answer before it is cut.
 CLOSE_TIMEOUT_S = 5.0
-#: The shortest wait for the rate limit: waking per message would cost more
-#: than the messages.
-_MIN_PACING_S = 0.01
-_BINARY_REFUSED = protocol_error(
-    ProtocolErrorCode.NOT_JSON, "Binary messages are not accepted: send each request as JSON text"
-)
 #: Backlogged frames written per transport.write when a paused client resumes.
 _RESUME_BATCH = 256
 
@@ -115,22 +114,11 @@ class StreamConnection(asyncio.Protocol):
         self._ws = ServerProtocol(max_size=gateway.settings.max_message_bytes)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._session: Session | None = None
+        self._session = Session(gateway.settings.limits, gateway.resolve, self._loop.time)
+        #: Set once the connect-time token check succeeded.
         self._registration: SessionInfo | None = None
-        #: Messages read and not yet processed, with whether each came as text:
-        #: those sent before the token check completes, behind a token check
-        #: in flight, or over the rate limit. Past ``max_message_burst`` of
-        #: them the socket is not read (TCP backpressure): never dropped.
-        self._inbox: deque[tuple[bytes, bool]] = deque()
-        settings = gateway.settings
-        self._bucket = TokenBucket(
-            settings.max_messages_per_s, settings.max_message_burst, self._loop.time()
-        )
-        self._inbox_limit = settings.max_message_burst
-        #: A token check in flight: the messages after it wait, in order.
-        self._checking = False
         self._reading_paused = False
-        self._drain_handle: asyncio.TimerHandle | None = None
+        self._wake: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragments_text = False
         self._out: list[bytes] = []
@@ -138,7 +126,6 @@ class StreamConnection(asyncio.Protocol):
         self._flush_queued = False
         self._paused = False
         self._backlog: deque[bytes] = deque()
-        self._awaiting_pong = False
         self._closing = False
         self._expiry: asyncio.TimerHandle | None = None
         self._abort: asyncio.TimerHandle | None = None
@@ -180,7 +167,7 @@ class StreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._end_session()
-        for handle in (self._expiry, self._abort, self._drain_handle):
+        for handle in (self._expiry, self._abort, self._wake):
             if handle is not None:
                 handle.cancel()
         # Token checks in flight are left to finish, not cancelled: cancelling
@@ -188,7 +175,6 @@ class StreamConnection(asyncio.Protocol):
         # find the connection closing and do nothing more.
         if self._transport is not None:
             self.limits.release(self._transport)
-        self._inbox.clear()
         self._backlog.clear()
         self._out.clear()
         if self in self._gateway.connections:
@@ -221,50 +207,7 @@ class StreamConnection(asyncio.Protocol):
             return
         self._gateway.connections.add(self)
         STREAM_CONNECTIONS.inc()
-        token = token_from_request(request)
-        if token is None:
-            self.close(CloseCode.TOKEN_NOT_FOUND)
-            return
-        self._spawn(self._authenticate(token))
-
-    async def _authenticate(self, token: str) -> None:
-        try:
-            check, close_code = await self._gateway.check_token(token)
-        except Exception:
-            _throttled.exception("authenticate", "could not check a stream token")
-            self.close(CloseCode.INTERNAL)
-            return
-        if self._closing:
-            return
-        if close_code is not None:
-            self.close(close_code)
-            return
-        assert check.user is not None and check.expires_us is not None
-        assert self._transport is not None
-        principal = check.principal or ("user", check.user)
-        if not self.limits.admit_stream(self._transport, principal):
-            _throttled.warning(
-                f"streams {principal}",
-                f"closing a stream of {principal[0]} {principal[1]}: "
-                f"{self.limits.streams_per_principal} open, the limit",
-            )
-            self.close(CloseCode.CONNECTION_LIMIT)
-            return
-        self._session = Session(
-            check.user,
-            check.exchanges,
-            check.expires_us,
-            self._gateway.settings.limits,
-            self._gateway.resolve,
-            check.principal,
-        )
-        assert self._transport is not None
-        self._registration = new_session(
-            check.user, check.principal, self._transport.get_extra_info("peername")
-        )
-        self._schedule_expiry()
-        self._drain()
-        self.flush()
+        self._act(self._session.connect(token_from_request(request)))
 
     # -- inbound ---------------------------------------------------------
 
@@ -272,7 +215,7 @@ class StreamConnection(asyncio.Protocol):
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                self._on_message(bytes(frame.data), opcode is Opcode.TEXT)
+                self._receive(bytes(frame.data), opcode is Opcode.TEXT)
             else:
                 self._fragments = [bytes(frame.data)]
                 self._fragments_text = opcode is Opcode.TEXT
@@ -281,64 +224,18 @@ class StreamConnection(asyncio.Protocol):
             if frame.fin:
                 message = b"".join(self._fragments)
                 self._fragments = []
-                self._on_message(message, self._fragments_text)
+                self._receive(message, self._fragments_text)
         elif opcode is Opcode.PONG:
-            self._awaiting_pong = False
+            self._session.pong()
 
-    def _on_message(self, message: bytes, text: bool) -> None:
-        if self._closing:
-            return
-        if text:
-            try:
-                message.decode()
-            except UnicodeDecodeError:
-                # RFC 6455: a text message must be UTF-8, and 1007 says it was not.
-                self.close(CloseCode.INVALID_PAYLOAD)
-                return
-        self._inbox.append((message, text))
-        self._drain()
+    def _receive(self, message: bytes, text: bool) -> None:
+        if not self._closing:
+            self._act(self._session.receive(message, text))
 
     def _drain(self) -> None:
-        """Processes held messages as far as authentication, token checks and the rate allow."""
-        self._drain_handle = None
-        inbox = self._inbox
-        now = self._loop.time()
-        while inbox and not self._closing and self._session is not None and not self._checking:
-            if not self._bucket.take(now):
-                MESSAGES_PACED.inc()
-                self._drain_handle = self._loop.call_later(
-                    max(_MIN_PACING_S, self._bucket.wait(now)), self._drain_later
-                )
-                break
-            message, text = inbox.popleft()
-            self._process(message, text)
-        transport = self._transport
-        if transport is None or self._closing:
-            return
-        if len(inbox) >= self._inbox_limit:
-            if not self._reading_paused:
-                self._reading_paused = True
-                transport.pause_reading()
-        elif self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
-
-    def _drain_later(self) -> None:
-        self._drain()
+        self._wake = None
+        self._act(self._session.drain())
         self.flush()
-
-    def _process(self, message: bytes, text: bool) -> None:
-        session = self._session
-        assert session is not None
-        if not text:
-            self._send(_BINARY_REFUSED)
-            return
-        try:
-            actions = session.receive(message)
-            self._act(actions)
-        except Exception:
-            _throttled.exception("message", "processing a stream message failed")
-            self._send(protocol_error(ProtocolErrorCode.CANNOT_PROCESS))
 
     def _act(self, actions: list[Action]) -> None:
         hub = self._gateway.hub
@@ -350,27 +247,65 @@ class StreamConnection(asyncio.Protocol):
             elif isinstance(action, Stop):
                 hub.remove(action.subscription)
             elif isinstance(action, VerifyToken):
-                # One check at a time per connection: a TokenRefresh flood
-                # then costs the store one query at a time, not thousands.
-                self._checking = True
-                self._spawn(self._refresh(action))
+                self._spawn(self._check(action))
+            elif isinstance(action, Wake):
+                MESSAGES_PACED.inc()
+                if self._wake is None:
+                    self._wake = self._loop.call_later(action.delay, self._drain)
+            elif isinstance(action, Ping):
+                self._ws.send_ping(b"")
+                self._write_protocol_output()
+            elif isinstance(action, Close):
+                self.close(action.code)
+        self._read_as_allowed()
 
-    async def _refresh(self, action: VerifyToken) -> None:
-        try:
-            check, _ = await self._gateway.check_token(action.token)
-        except Exception:
-            _throttled.exception("refresh", "could not check a refreshed token")
-            self.close(CloseCode.INTERNAL)
+    def _read_as_allowed(self) -> None:
+        """Held messages past the limit stop the reading (TCP backpressure); never a drop."""
+        transport = self._transport
+        if transport is None or self._closing:
             return
-        finally:
-            self._checking = False
+        backlogged = self._session.backlogged
+        if backlogged and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not backlogged and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    async def _check(self, action: VerifyToken) -> None:
         session = self._session
-        if session is None or self._closing:
+        try:
+            check = await self._gateway.check_token(action.token)
+        except Exception:
+            _throttled.exception("token", "could not check a stream token")
+            self._act(session.token_check_failed(action.request_id))
+            return
+        if self._closing:
+            return
+        if action.request_id == CONNECT_CHECK and not self._opened(check):
             return
         self._act(session.token_checked(action.request_id, check))
         self._schedule_expiry()
-        self._drain()
         self.flush()
+
+    def _opened(self, check: TokenCheck) -> bool:
+        """Admits an authenticated stream within its key's or user's limit, and registers it."""
+        if check.user is None:
+            return True
+        assert self._transport is not None
+        principal = check.principal or ("user", check.user)
+        if not self.limits.admit_stream(self._transport, principal):
+            _throttled.warning(
+                f"streams {principal}",
+                f"closing a stream of {principal[0]} {principal[1]}: "
+                f"{self.limits.streams_per_principal} open, the limit",
+            )
+            self.close(CloseCode.CONNECTION_LIMIT)
+            return False
+        self._registration = new_session(
+            check.user, check.principal, self._transport.get_extra_info("peername")
+        )
+        return True
 
     # -- outbound --------------------------------------------------------
 
@@ -432,8 +367,7 @@ class StreamConnection(asyncio.Protocol):
     @property
     def principal(self) -> tuple[str, str] | None:
         """The key or user behind this connection's token; None before authentication."""
-        session = self._session
-        return session.principal if session is not None and not self._closing else None
+        return self._session.principal if not self._closing else None
 
     @property
     def registration(self) -> SessionInfo | None:
@@ -443,20 +377,12 @@ class StreamConnection(asyncio.Protocol):
     def entitle(self, exchanges: frozenset[str] | None) -> None:
         """New entitlements: they apply to the Subscribes that follow, and subscriptions
         to an exchange no longer allowed end with a SubscribeResponse 205."""
-        if self._session is not None and not self._closing:
+        if not self._closing:
             self._act(self._session.entitle(exchanges))
 
     def heartbeat(self) -> None:
-        if self._closing or self._ws.state is not State.OPEN:
-            return
-        # While its messages wait for the rate limit the socket is not read,
-        # so its pong may be there unread: that silence is ours, not the client's.
-        if self._awaiting_pong and not self._reading_paused:
-            self.close(CloseCode.PONG_NOT_RECEIVED)
-            return
-        self._awaiting_pong = True
-        self._ws.send_ping(b"")
-        self._write_protocol_output()
+        if not self._closing and self._ws.state is State.OPEN:
+            self._act(self._session.heartbeat())
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close with ``code``, after what was already sent (3007 drops that backlog)."""
@@ -464,10 +390,9 @@ class StreamConnection(asyncio.Protocol):
             return
         self._closing = True
         STREAM_CLOSES.labels(str(int(code))).inc()
-        self._inbox.clear()
-        if self._drain_handle is not None:
-            self._drain_handle.cancel()
-            self._drain_handle = None
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         transport = self._transport
         if code is not CloseCode.QUEUE_LIMIT and transport is not None:
             # The transport buffers beyond its high-water mark; the close
@@ -485,29 +410,24 @@ class StreamConnection(asyncio.Protocol):
         self._write_protocol_output()
 
     def _end_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            hub = self._gateway.hub
-            for stop in session.close():
-                hub.remove(stop.subscription)
+        hub = self._gateway.hub
+        for stop in self._session.close():
+            hub.remove(stop.subscription)
 
     def _schedule_expiry(self) -> None:
-        session = self._session
-        if session is None:
+        if self._session.state is not SessionState.OPEN:
             return
         if self._expiry is not None:
             self._expiry.cancel()
-        delay = (session.expires_us - now_us()) / 1_000_000
+        delay = (self._session.expires_us - now_us()) / 1_000_000
         self._expiry = self._loop.call_later(max(0.0, delay), self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
-        session = self._session
-        if session is None:
-            return
-        if session.expires_us <= now_us():
-            self.close(CloseCode.TOKEN_EXPIRED)
-        else:
+        actions = self._session.expiry()
+        if actions:
+            self._act(actions)
+        elif not self._closing:
             self._schedule_expiry()
 
     def _spawn(self, coroutine: Any) -> None:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from caspian.auth.access import AccessCheck, Denied, Grant, Reason, denial
 from caspian.codes import CloseCode, TokenRefreshCode
@@ -16,10 +16,27 @@ from caspian.gateway.registry import Lost, Registry
 from caspian.gateway.session import Resolver, SessionLimits, TokenCheck
 from caspian.store import GatewaySync, SessionInfo, StoreError
 
-if TYPE_CHECKING:
-    from caspian.gateway.connection import StreamConnection
-
 log = logging.getLogger(__name__)
+
+
+class StreamConnection(Protocol):
+    """A stream connection as the gateway sees it (``connection.py`` has the real one)."""
+
+    @property
+    def principal(self) -> tuple[str, str] | None:
+        """The key or user behind its token; None before authentication and once closing."""
+
+    @property
+    def registration(self) -> SessionInfo | None:
+        """Its entry in the cluster's session registry; None until authenticated."""
+
+    def entitle(self, exchanges: frozenset[str] | None) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None: ...
 
 #: Syncs this gateway's sessions with the cluster's registry: ``(opened, closed)`` -> the
 #: store's answer (``Store.sync_gateway``). Raises when the store is down.
@@ -35,9 +52,6 @@ class StreamSettings:
     max_queue: int
     max_message_bytes: int
     limits: SessionLimits
-    #: Inbound messages per second per connection, and at once.
-    max_messages_per_s: float
-    max_message_burst: int
 
 
 class Gateway:
@@ -83,8 +97,8 @@ class Gateway:
             except Exception:
                 log.exception("writing to a connection failed")
 
-    async def check_token(self, token: str) -> tuple[TokenCheck, CloseCode | None]:
-        """Verify a token; the close code says how a connection should end if it fails.
+    async def check_token(self, token: str) -> TokenCheck:
+        """Verify a token; the session turns a refusal into its close code or answer.
 
         Store failures propagate: the caller decides what an internal fault means.
         """
@@ -92,12 +106,11 @@ class Gateway:
         if isinstance(access, Denied):
             log.debug("refused a stream token: %s", access.reason.value)
             if access.reason is Reason.EXPIRED:
-                return TokenCheck(TokenRefreshCode.EXPIRED), CloseCode.TOKEN_EXPIRED
-            return TokenCheck(TokenRefreshCode.INVALID), CloseCode.TOKEN_INVALID
-        check = TokenCheck(
+                return TokenCheck(TokenRefreshCode.EXPIRED)
+            return TokenCheck(TokenRefreshCode.INVALID)
+        return TokenCheck(
             TokenRefreshCode.OK, access.user, access.expires_us, access.exchanges, access.grant
         )
-        return check, None
 
     def start(self) -> None:
         self._tasks = [

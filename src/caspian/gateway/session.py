@@ -1,16 +1,30 @@
 """The Caspian session protocol as a pure state machine.
 
-A :class:`Session` takes one inbound WebSocket message and returns the actions
-the connection must carry out: frames to send, subscriptions to start or
-stop, a token to verify, or a close. It does no I/O, knows no socket and no
-clock, so every rule of the protocol is tested directly; the socket code
-around it stays thin.
+A :class:`Session` is one stream connection's life, from the token check at
+connect to its close. It takes inbound messages, token-check outcomes and
+the heartbeat's ticks, and returns the actions the connection must carry
+out: frames to send, subscriptions to start or stop, a token to verify, a
+ping, a wake-up for held messages, or a close with its code. It does no I/O
+and reads its clocks through the functions it is given, so every rule of
+the protocol, lifecycle included, is tested directly; the socket code
+around it keeps to transport, frames and timers.
+
+States: ``AUTHENTICATING`` until the connect-time token check succeeds (3000
+without a token, 3001 or 3002 when it fails), ``OPEN``, then ``CLOSING``
+from the first close on. Messages are held, in order and never dropped,
+while authenticating, while ``MAX_PENDING_CHECKS`` token checks are in
+flight and past the connection's rate; the connection stops reading from
+the socket while ``backlogged``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -26,6 +40,7 @@ from caspian.codes import (
     SUBSCRIBE_MESSAGES,
     TOKEN_REFRESH_MESSAGES,
     UNSUBSCRIBE_MESSAGES,
+    CloseCode,
     MessageType,
     ProtocolErrorCode,
     SubscribeCode,
@@ -34,9 +49,22 @@ from caspian.codes import (
     TokenRefreshCode,
     UnsubscribeCode,
 )
+from caspian.gateway.pacing import LogThrottle, TokenBucket
+from caspian.timefmt import now_us
+
+log = logging.getLogger(__name__)
+_throttled = LogThrottle(log)
 
 #: Longest requestId accepted; a subscription keeps its id for its lifetime.
 MAX_REQUEST_ID_LENGTH = 128
+#: The request id of the connect-time token check: a client cannot use it.
+CONNECT_CHECK = NA_REQUEST_ID
+#: The shortest wait for the rate limit: waking per message would cost more
+#: than the messages.
+MIN_WAKE_S = 0.01
+#: TokenRefresh checks in flight per connection; the messages after one more
+#: wait, in order, so that a flood costs the store a few queries at a time.
+MAX_PENDING_CHECKS = 4
 
 Resolver = Callable[[str, SymbolType], ProductSpec | None]
 
@@ -85,7 +113,32 @@ class VerifyToken:
     token: str
 
 
-Action = Send | Start | Stop | VerifyToken
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection with ``code``."""
+
+    code: CloseCode
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Send a WebSocket ping; the pong goes to :meth:`Session.pong`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Call :meth:`Session.drain` in ``delay`` seconds: held messages wait for the rate."""
+
+    delay: float
+
+
+Action = Send | Start | Stop | VerifyToken | Close | Ping | Wake
+
+
+class State(Enum):
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    CLOSING = "closing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +157,9 @@ class TokenCheck:
 class SessionLimits:
     max_subscriptions: int
     symbol_types: frozenset[SymbolType]
+    #: Inbound messages per second, and at once; past them messages wait.
+    max_messages_per_s: float
+    max_message_burst: int
 
 
 def encode(request_id: str, type_: MessageType, payload: dict[str, Any]) -> bytes:
@@ -141,6 +197,9 @@ def _token_response(request_id: str, code: TokenRefreshCode, detail: str | None 
     )
 
 
+_BINARY_REFUSED = protocol_error(
+    ProtocolErrorCode.NOT_JSON, "Binary messages are not accepted: send each request as JSON text"
+)
 _SYMBOL_TYPES = {member.value: member for member in SymbolType}
 _SUBSCRIPTION_TYPES = {member.value: member for member in SubscriptionType}
 _CONFLATION_LIST = ", ".join(CONFLATIONS)
@@ -151,26 +210,117 @@ class Session:
 
     def __init__(
         self,
-        user: str,
-        exchanges: frozenset[str] | None,
-        expires_us: int,
         limits: SessionLimits,
         resolve: Resolver,
-        principal: tuple[str, str] | None = None,
+        clock: Callable[[], float] = monotonic,
+        wall_us: Callable[[], int] = now_us,
     ) -> None:
-        self.user = user
+        self.state = State.AUTHENTICATING
+        #: Who the connect-time token speaks for; set when it is checked.
+        self.user = ""
         #: The key or user behind the token, re-checked while the session lives.
-        self.principal = principal
+        self.principal: tuple[str, str] | None = None
         #: Exchanges the user may stream; None means all.
-        self.exchanges = exchanges
-        self.expires_us = expires_us
+        self.exchanges: frozenset[str] | None = None
+        self.expires_us = 0
         self._limits = limits
         self._resolve = resolve
+        self._clock = clock
+        self._wall_us = wall_us
         self.subscriptions: dict[str, Subscription] = {}
         self._by_stream: dict[tuple[str, SubscriptionType], Subscription] = {}
         self._pending_tokens: set[str] = set()
+        #: Messages not yet handled, with whether each came as text.
+        self._held: deque[tuple[bytes, bool]] = deque()
+        self._bucket = TokenBucket(limits.max_messages_per_s, limits.max_message_burst, clock())
+        self._awaiting_pong = False
 
-    def receive(self, data: str | bytes) -> list[Action]:
+    # -- lifecycle -------------------------------------------------------
+
+    def connect(self, token: str | None) -> list[Action]:
+        """The connection's handshake is done; ``token`` is the one it carried."""
+        if token is None:
+            return self._close(CloseCode.TOKEN_NOT_FOUND)
+        return [VerifyToken(CONNECT_CHECK, token)]
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether so many messages are held that the connection should stop reading."""
+        return len(self._held) >= self._limits.max_message_burst
+
+    def receive(self, data: bytes, text: bool = True) -> list[Action]:
+        """One inbound message: handled now, or held until it may be."""
+        if self.state is State.CLOSING:
+            return []
+        if text:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                # RFC 6455: a text message must be UTF-8, and 1007 says it was not.
+                return self._close(CloseCode.INVALID_PAYLOAD)
+        self._held.append((data, text))
+        return self.drain()
+
+    def drain(self) -> list[Action]:
+        """Handles held messages as far as authentication, token checks and the rate allow."""
+        actions: list[Action] = []
+        held = self._held
+        pending = self._pending_tokens
+        while held and self.state is State.OPEN and len(pending) < MAX_PENDING_CHECKS:
+            now = self._clock()
+            if not self._bucket.take(now):
+                actions.append(Wake(max(MIN_WAKE_S, self._bucket.wait(now))))
+                break
+            data, text = held.popleft()
+            actions += self._handle(data, text)
+        return actions
+
+    def heartbeat(self) -> list[Action]:
+        """The heartbeat's tick: a ping, or 3006 when the last one went unanswered.
+
+        While messages are held past the limit the socket is not read, so the
+        pong may be there unread: that silence is the server's, not the client's.
+        """
+        if self.state is State.CLOSING:
+            return []
+        if self._awaiting_pong and not self.backlogged:
+            return self._close(CloseCode.PONG_NOT_RECEIVED)
+        self._awaiting_pong = True
+        return [Ping()]
+
+    def pong(self) -> None:
+        self._awaiting_pong = False
+
+    def expiry(self) -> list[Action]:
+        """Called once the token's expiry time has come: 3002 unless it was refreshed."""
+        if self.state is State.OPEN and self.expires_us <= self._wall_us():
+            return self._close(CloseCode.TOKEN_EXPIRED)
+        return []
+
+    def token_check_failed(self, request_id: str) -> list[Action]:
+        """The check of a token could not be made (the store failed): 3004."""
+        self._pending_tokens.discard(request_id)
+        return self._close(CloseCode.INTERNAL)
+
+    def _close(self, code: CloseCode) -> list[Action]:
+        if self.state is State.CLOSING:
+            return []
+        self.state = State.CLOSING
+        self._held.clear()
+        return [Close(code)]
+
+    # -- messages --------------------------------------------------------
+
+    def _handle(self, data: bytes, text: bool) -> list[Action]:
+        if not text:
+            return [Send(_BINARY_REFUSED)]
+        try:
+            return self._dispatch(data)
+        except Exception:
+            _throttled.exception("message", "processing a stream message failed")
+            return [Send(protocol_error(ProtocolErrorCode.CANNOT_PROCESS))]
+
+    def _dispatch(self, data: bytes) -> list[Action]:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -198,20 +348,17 @@ class Session:
         payload = message.get("payload")
         if not isinstance(payload, dict):
             payload = {}
-        if type_ == MessageType.SUBSCRIBE:
-            return self._subscribe(request_id, payload)
-        if type_ == MessageType.UNSUBSCRIBE:
-            return self._unsubscribe(request_id, payload)
-        if type_ == MessageType.TOKEN_REFRESH:
-            return self._token_refresh(request_id, payload)
-        return [
-            Send(
-                protocol_error(
-                    ProtocolErrorCode.UNKNOWN_TYPE,
-                    "Unknown type: expected Subscribe, Unsubscribe or TokenRefresh",
+        handler = _HANDLERS.get(type_) if isinstance(type_, str) else None
+        if handler is None:
+            return [
+                Send(
+                    protocol_error(
+                        ProtocolErrorCode.UNKNOWN_TYPE,
+                        "Unknown type: expected Subscribe, Unsubscribe or TokenRefresh",
+                    )
                 )
-            )
-        ]
+            ]
+        return handler(self, request_id, payload)
 
     def _in_use(self, request_id: str) -> bool:
         return request_id in self.subscriptions or request_id in self._pending_tokens
@@ -310,6 +457,21 @@ class Session:
         return [VerifyToken(request_id, token)]
 
     def token_checked(self, request_id: str, check: TokenCheck) -> list[Action]:
+        """The outcome of a :class:`VerifyToken`: the connect-time one or a TokenRefresh's."""
+        if self.state is State.CLOSING:
+            return []
+        if request_id == CONNECT_CHECK and self.state is State.AUTHENTICATING:
+            if check.code is not TokenRefreshCode.OK:
+                expired = check.code is TokenRefreshCode.EXPIRED
+                return self._close(CloseCode.TOKEN_EXPIRED if expired else CloseCode.TOKEN_INVALID)
+            assert check.user is not None and check.expires_us is not None
+            self.user = check.user
+            self._take(check)
+            self.state = State.OPEN
+            return self.drain()
+        return self._token_refreshed(request_id, check) + self.drain()
+
+    def _token_refreshed(self, request_id: str, check: TokenCheck) -> list[Action]:
         self._pending_tokens.discard(request_id)
         if check.code is not TokenRefreshCode.OK:
             return [_token_response(request_id, check.code)]
@@ -319,14 +481,19 @@ class Session:
                     request_id, TokenRefreshCode.INVALID, "the token belongs to another user"
                 )
             ]
+        self._take(check)
+        return [_token_response(request_id, TokenRefreshCode.OK)]
+
+    def _take(self, check: TokenCheck) -> None:
         assert check.expires_us is not None
         self.expires_us = check.expires_us
         self.exchanges = check.exchanges
         self.principal = check.principal
-        return [_token_response(request_id, TokenRefreshCode.OK)]
 
     def close(self) -> list[Stop]:
         """Everything to stop when the connection ends."""
+        self.state = State.CLOSING
+        self._held.clear()
         stops = [Stop(subscription) for subscription in self.subscriptions.values()]
         self.subscriptions.clear()
         self._by_stream.clear()
@@ -358,3 +525,10 @@ class Session:
                 )
             )
         return actions
+
+
+_HANDLERS: dict[str, Callable[[Session, str, dict[str, Any]], list[Action]]] = {
+    MessageType.SUBSCRIBE.value: Session._subscribe,
+    MessageType.UNSUBSCRIBE.value: Session._unsubscribe,
+    MessageType.TOKEN_REFRESH.value: Session._token_refresh,
+}
