@@ -8,7 +8,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from caspian.codes import Stream, StreamState
 from caspian.events import StatusEvent
+from caspian.gateway.connection import StreamConnection
 from caspian.maintenance import MaintenanceWindow
 from caspian.timefmt import now_us
 from tests.support.client import StreamClient, apply_level2
@@ -27,6 +28,14 @@ from tests.support.service import RunningService, start_service
 SYMBOL = "FX-BTC/USD=GEMINI"
 OTHER = "FX-ETH/USD=GEMINI"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
+
+
+def connections(running: RunningService) -> list[StreamConnection]:
+    """The service's open stream connections, as the class that implements them."""
+    return [
+        cast(StreamConnection, connection)
+        for connection in running.listening.service.gateway.connections
+    ]
 
 
 async def client(service: RunningService, user: str = "alice") -> StreamClient:
@@ -117,7 +126,6 @@ async def test_other_paths_are_not_streams(service: RunningService) -> None:
 async def test_stream_sockets_send_at_once(service: RunningService) -> None:
     """Nagle's algorithm is off (TCP_NODELAY), on REST and stream connections alike:
     with it on, an update waits for the client to acknowledge the one before."""
-    from caspian.gateway.connection import StreamConnection
 
     c = await client(service)
     async with httpx.AsyncClient(base_url=service.base_url) as rest:
@@ -126,7 +134,7 @@ async def test_stream_sockets_send_at_once(service: RunningService) -> None:
         # uvicorn's registry holds its HTTP connections and our streams.
         registry: set[Any] = service.listening.server.server_state.connections
         http = [c.transport for c in registry if not isinstance(c, StreamConnection)]
-        streams = [c._transport for c in service.listening.service.gateway.connections]
+        streams = [c._transport for c in connections(service)]
         assert http and streams
         transports = http + streams
         for transport in transports:
@@ -505,10 +513,8 @@ async def test_slow_client_is_closed_3007_and_others_continue(tmp_path: Path) ->
         # A healthy client on the same symbols keeps getting updates meanwhile.
         healthy = await StreamClient.open(running.stream_url, token)
         await healthy.subscribe(symbols[0], "Level2", conflation="None")
-        gateway = running.listening.service.gateway
-
         def slow_one_closing() -> bool:
-            return any(connection._closing for connection in gateway.connections)
+            return any(connection._closing for connection in connections(running))
 
         deadline = time.monotonic() + 60
         while not slow_one_closing() and time.monotonic() < deadline:
@@ -555,7 +561,7 @@ async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> No
         def held_back() -> bool:
             return any(
                 connection._paused and connection._backlog
-                for connection in service.gateway.connections
+                for connection in connections(running)
             )
 
         for _ in range(600):
