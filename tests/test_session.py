@@ -544,3 +544,21 @@ def test_invalid_utf8_closes_1007_and_binary_answers_100() -> None:
     assert message["payload"]["code"] == 100
     assert "Binary" in message["payload"]["message"]
     assert session.receive(b'{"requestId":"\xff"}') == [Close(CloseCode.INVALID_PAYLOAD)]
+
+
+def test_a_refreshed_token_with_fewer_exchanges_ends_the_subscriptions_it_no_longer_allows() -> (
+    None
+):
+    session = make()
+    session.receive(subscribe("g"))
+    session.receive(subscribe("b", symbol=BITMEX.caspian_code))
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    actions = session.token_checked(
+        "t", TokenCheck(TokenRefreshCode.OK, "alice", 10**18, frozenset({"GEMINI"}))
+    )
+    answers = [(m["requestId"], m["payload"]["code"]) for m in sent(actions)]
+    assert answers == [("t", 200), ("b", 205)]
+    assert [a.subscription.request_id for a in actions if isinstance(a, Stop)] == ["b"]
+    assert set(session.subscriptions) == {"g"}

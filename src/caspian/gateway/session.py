@@ -482,7 +482,8 @@ class Session:
                 )
             ]
         self._take(check)
-        return [_token_response(request_id, TokenRefreshCode.OK)]
+        # A token with fewer exchanges ends the subscriptions it no longer allows.
+        return [_token_response(request_id, TokenRefreshCode.OK), *self.entitle(check.exchanges)]
 
     def _take(self, check: TokenCheck) -> None:
         assert check.expires_us is not None
