@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from caspian.gateway import session as session_module
-from tests.support.client import StreamClient
+from tests.support.client import StreamClient, client_frame
 from tests.support.service import RunningService, start_service
 
 SYMBOL = "FX-BTC/USD=GEMINI"
@@ -208,10 +208,11 @@ async def test_a_token_refresh_flood_is_answered_at_a_bounded_rate_not_at_others
     flooder = await StreamClient.open(running.stream_url, token)
     count = 4000
     frames = b"".join(
-        _text_frame(
+        client_frame(
+            0x1,
             orjson.dumps(
                 {"requestId": f"t{i}", "type": "TokenRefresh", "payload": {"accessToken": token}}
-            )
+            ),
         )
         for i in range(count)
     )
@@ -232,18 +233,6 @@ async def test_a_token_refresh_flood_is_answered_at_a_bounded_rate_not_at_others
     assert longest < 1.0, f"the watcher waited {longest:.2f} s for an update"
     await watcher.close()
     await flooder.close()
-
-
-def _text_frame(payload: bytes) -> bytes:
-    """One masked client text frame, for writing many at once below the client library."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | length)
-    else:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
-    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-    return header + mask + masked
 
 
 @pytest.mark.settings(max_streams_per_principal=3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -90,3 +92,19 @@ def apply_level2(book: dict[tuple[str, float], float], message: Message) -> None
             book.pop(key, None)
         else:
             book[key] = float(level["size"])
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame, built by hand: for frames a client library would not
+    send (any opcode, fragments out of order, invalid UTF-8) or many at once."""
+    mask = os.urandom(4)
+    length = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif length < 65_536:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    return header + mask + masked
