@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -320,3 +321,22 @@ async def test_clients_dropping_during_the_token_check_leak_no_database_handle(
     print(rounds)
     assert rounds[-1] <= rounds[0], rounds
     assert not [r for r in caplog.records if "CancelledError" in (r.exc_text or r.message)]
+
+
+@pytest.mark.settings(max_rest_in_flight=2, auth_max_failures=1000)
+async def test_rest_requests_past_the_limit_in_flight_get_503_at_once(
+    running: RunningService,
+) -> None:
+    key_id, _ = await asyncio.to_thread(running.key)
+    body = {"type": "Key", "payload": {"accessKeyID": key_id, "secretAccessKey": "wrong"}}
+    async with httpx.AsyncClient(base_url=running.base_url, timeout=30) as rest:
+        # Each wrong secret costs an argon2 check: many are in flight at once.
+        answers = await asyncio.gather(
+            *(rest.post("/v1/auth/authenticate", json=body) for _ in range(30))
+        )
+        statuses = [answer.status_code for answer in answers]
+        busy = [answer for answer in answers if answer.status_code == 503]
+        assert busy and set(statuses) <= {401, 503}, statuses
+        assert busy[0].json()["code"] == 503 and busy[0].headers["Retry-After"] == "1"
+        # Served again once the others are done.
+        assert (await rest.get("/v1/reference/exchanges")).status_code == 401

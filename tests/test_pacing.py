@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from caspian.gateway.pacing import LogThrottle, TokenBucket
+from caspian.pacing import LogThrottle, TokenBucket
 
 
 def test_token_bucket_allows_a_burst_then_the_rate() -> None:

@@ -207,7 +207,8 @@ class RestErrorCode(IntEnum):
     TOO_LARGE = 413
     TOO_MANY_REQUESTS = 429
     INTERNAL = 500
-    MAINTENANCE = 503
+    #: Maintenance, or the server at its limit of requests in flight.
+    UNAVAILABLE = 503
     NOTHING_SPECIFIED = 4001
     DATABASE = 5001
 

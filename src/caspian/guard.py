@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from caspian.gateway.pacing import LogThrottle
 from caspian.metrics import CONNECTIONS_REFUSED
+from caspian.pacing import LogThrottle
 
 log = logging.getLogger(__name__)
 _throttled = LogThrottle(log)

@@ -58,6 +58,11 @@ CLIENT_CONNECTIONS_LIMIT = Gauge(
     "caspian_client_connections_limit", "Client connections the server accepts at most."
 )
 
+#: REST requests refused because the server was serving its limit of them.
+REST_BUSY = Counter(
+    "caspian_rest_busy_total", "REST requests refused with 503 at the limit of requests in flight."
+)
+
 #: Inbound stream messages held back by the per-connection rate limit.
 MESSAGES_PACED = Counter(
     "caspian_stream_messages_paced_total",

@@ -177,7 +177,9 @@ class Service:
             self.maintenance_remaining,
             self._sync_sessions,
         )
-        self.rest = create_app(self, settings.max_body_bytes, settings.metrics_token)
+        self.rest = create_app(
+            self, settings.max_body_bytes, settings.metrics_token, settings.max_rest_in_flight
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     # The simulator looks products up through the service, so that it always

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         65_536, gt=0, description="Largest inbound WebSocket message; larger closes with 1009."
     )
     max_body_bytes: int = Field(65_536, gt=0, description="Largest REST request body (413).")
+    max_rest_in_flight: int = Field(
+        256,
+        gt=0,
+        description="REST requests served at once; more are answered 503 at once, so that "
+        "requests whose clients hung up cannot pile up.",
+    )
     symbol_types: list[SymbolType] = Field(
         default_factory=lambda: list(SymbolType),
         description="Symbol types a Subscribe may use; the others answer 209.",

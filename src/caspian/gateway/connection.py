@@ -31,7 +31,6 @@ from websockets.server import ServerProtocol
 
 from caspian.codes import CLOSE_REASONS, CloseCode
 from caspian.gateway.gateway import Gateway
-from caspian.gateway.pacing import LogThrottle
 from caspian.gateway.registry import new_session
 from caspian.gateway.session import (
     CONNECT_CHECK,
@@ -49,6 +48,7 @@ from caspian.gateway.session import (
 from caspian.gateway.session import State as SessionState
 from caspian.guard import ConnectionLimits
 from caspian.metrics import MESSAGES_PACED, STREAM_CLOSES, STREAM_CONNECTIONS
+from caspian.pacing import LogThrottle
 from caspian.store import SessionInfo
 from caspian.timefmt import now_us
 

@@ -49,7 +49,7 @@ from caspian.codes import (
     TokenRefreshCode,
     UnsubscribeCode,
 )
-from caspian.gateway.pacing import LogThrottle, TokenBucket
+from caspian.pacing import LogThrottle, TokenBucket
 from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)

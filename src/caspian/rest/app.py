@@ -31,10 +31,13 @@ from caspian.codes import (
     AuthErrorCode,
     RestErrorCode,
 )
+from caspian.metrics import REST_BUSY
+from caspian.pacing import LogThrottle
 from caspian.store import Store, StoreUnavailable
 from caspian.timefmt import format_us
 
 log = logging.getLogger(__name__)
+_throttled = LogThrottle(log)
 
 
 class RestBackend(Protocol):
@@ -239,6 +242,41 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class InFlightLimit:
+    """Answers 503 at once when ``limit`` requests are already being served.
+
+    A client that sends requests and hangs up does not stop their handlers:
+    thousands of them held memory and the store's connections for tens of
+    seconds while real clients waited. The cap bounds both.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            REST_BUSY.inc()
+            _throttled.warning("busy", f"refusing REST requests: {self.limit} in flight")
+            response = _error(
+                503,
+                int(RestErrorCode.UNAVAILABLE),
+                "The server is busy: try again shortly",
+                {"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 async def _json_body(request: Request) -> Any:
     body = await request.body()
     try:
@@ -259,7 +297,10 @@ def client_address(request: Request, proxies: TrustedProxies) -> str:
 
 
 def create_app(
-    backend: RestBackend, max_body_bytes: int, metrics_token: str | None = None
+    backend: RestBackend,
+    max_body_bytes: int,
+    metrics_token: str | None,
+    max_in_flight: int,
 ) -> FastAPI:
     app = FastAPI(
         title="Caspian API v1",
@@ -278,7 +319,7 @@ def create_app(
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(_: Request, exc: StoreUnavailable) -> Response:
-        log.warning("store unavailable: %s", exc)
+        _throttled.warning("store", f"store unavailable: {exc}")
         return _error(500, int(RestErrorCode.DATABASE), DATABASE_ERROR_MESSAGE)
 
     @app.exception_handler(RequestValidationError)
@@ -296,7 +337,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error in a REST request", exc_info=exc)
+        _throttled.exception("internal", "unhandled error in a REST request")
         return _error(500, int(RestErrorCode.INTERNAL), "Internal Server Error")
 
     @app.middleware("http")
@@ -308,13 +349,15 @@ def create_app(
             if remaining > 0:
                 return _error(
                     503,
-                    int(RestErrorCode.MAINTENANCE),
+                    int(RestErrorCode.UNAVAILABLE),
                     "The service is down for maintenance",
                     {"Retry-After": str(max(1, int(remaining + 0.999)))},
                 )
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    # Added last, so it runs first: a refused request costs nothing more.
+    app.add_middleware(InFlightLimit, limit=max_in_flight)
 
     access_check = AccessCheck(backend.tokens, store)
 
