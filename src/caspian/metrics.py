@@ -75,6 +75,16 @@ SUBSCRIPTIONS = Gauge("caspian_stream_subscriptions", "Active subscriptions.", [
 #: Updates handed to clients: one per client per update, counted once per group message.
 MESSAGES = Counter("caspian_stream_messages_total", "Level1 and Level2 updates sent to clients.")
 
+#: Source instances a gateway heard within CASPIAN_SOURCE_TIMEOUT_S.
+BUS_SOURCES_HEARD = Gauge(
+    "caspian_bus_sources_heard", "Source instances heard on the bus within the source timeout."
+)
+#: Feeds marked down because their source's heartbeat stopped.
+BUS_SOURCE_TIMEOUTS = Counter(
+    "caspian_bus_source_timeouts_total",
+    "Symbol feeds marked disconnected because their source stopped its heartbeat.",
+)
+
 #: NATS bus feeds rebuilt from a snapshot after a gap, a new source epoch or a reconnect.
 BUS_RESYNCS = Counter("caspian_bus_resyncs_total", "Bus feeds rebuilt from a snapshot.")
 

@@ -126,7 +126,7 @@ def make_bus(settings: Settings, source: Source | None) -> Bus:
             raise ValueError("a gateway with no source of its own needs a nats:// bus")
         return MemoryBus(source)
     if settings.bus.startswith(("nats://", "tls://")):
-        return NatsBus(settings.bus, source)
+        return NatsBus(settings.bus, source, source_timeout_s=settings.source_timeout_s)
     raise ValueError(f"unsupported bus {settings.bus!r}: use memory or a nats:// URL")
 
 

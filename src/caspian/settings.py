@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         description="Live source: a symbol running this far behind the exchange's time "
         "stamps is marked disconnected until it catches up, then sent whole again.",
     )
+    source_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description="NATS bus: a gateway that hears no heartbeat from the source of a "
+        "watched symbol for this long marks its streams disconnected and joins again "
+        "from a source that answers.",
+    )
     unwatch_grace_s: float = Field(
         30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
     )

@@ -33,3 +33,7 @@ class Bus(ABC):
 
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
+
+    def source_heard(self) -> bool:
+        """Whether a source is there to feed this bus (readiness): always, in-process."""
+        return True

@@ -13,14 +13,20 @@ Subjects, under a prefix (``caspian``):
 - ``<prefix>.snapshot.<symbol>``: request/reply; the answer is the symbol's
   whole current state (stream states, book, last quote and trade) as events,
   with the ``seq`` and ``epoch`` it is valid at.
+- ``<prefix>.heartbeat``: each source instance's epoch, about three times per
+  ``source_timeout_s``. A gateway whose feed of a symbol belongs to an epoch
+  it has not heard for ``source_timeout_s`` (the source was killed, or cut
+  off) marks the symbol's three streams ``disconnected`` at once and joins
+  again, from whichever source answers: a whole top-N when one does.
 
 How a gateway gets a whole book, and notices a gap: it subscribes to the
 symbol's events first and buffers them, asks for a snapshot, applies it, then
 applies the buffered events numbered after it. From then on each event must
 carry the next number of the same epoch. A number skipped (a message lost,
 the gateway's NATS connection dropped) or a new epoch (the source restarted)
-marks depth ``disconnected`` for its clients at once and starts the same
-join again, which ends in a whole top-N for every Level2 client.
+marks the symbol's streams ``disconnected`` for its clients at once (a lost
+event may be a trade or a quote as well as a book change) and starts the
+same join again, which ends in a whole top-N for every Level2 client.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from caspian.bus.base import Bus
+from caspian.bus.liveness import SourceLiveness
 from caspian.codes import Stream, StreamState
 from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
-from caspian.metrics import BUS_RESYNCS
+from caspian.metrics import BUS_RESYNCS, BUS_SOURCE_TIMEOUTS, BUS_SOURCES_HEARD
 from caspian.sources.base import Source
 from caspian.sources.tracker import SymbolTracker
 from caspian.timefmt import now_us
@@ -54,6 +61,8 @@ DEFAULT_PREFIX = "caspian"
 DEFAULT_LEASE_S = 10.0
 #: How long a gateway waits for a snapshot before asking again.
 SNAPSHOT_TIMEOUT_S = 2.0
+#: How long a gateway waits for a heartbeat of a feed's source before marking it down.
+DEFAULT_SOURCE_TIMEOUT_S = 3.0
 
 
 def symbol_token(symbol: str) -> str:
@@ -70,11 +79,14 @@ def symbol_token(symbol: str) -> str:
 class _SourceSide:
     """Beside the source: numbers and publishes its events, answers snapshots, follows interest."""
 
-    def __init__(self, nc: Client, source: Source, prefix: str, lease_s: float) -> None:
+    def __init__(
+        self, nc: Client, source: Source, prefix: str, lease_s: float, heartbeat_s: float
+    ) -> None:
         self._nc = nc
         self._source = source
         self._prefix = prefix
         self._lease_s = lease_s
+        self._heartbeat_s = heartbeat_s
         self.epoch = uuid.uuid4().hex[:12]
         self._seq: dict[str, int] = {}
         self._tracker = SymbolTracker()
@@ -93,6 +105,7 @@ class _SourceSide:
         self._tasks = [
             asyncio.create_task(self._send(), name="caspian-nats-publish"),
             asyncio.create_task(self._expire(), name="caspian-nats-leases"),
+            asyncio.create_task(self._beat(), name="caspian-nats-heartbeat"),
         ]
 
     async def stop(self) -> None:
@@ -127,6 +140,14 @@ class _SourceSide:
             while self._outbox:
                 subject, payload = self._outbox.popleft()
                 await self._nc.publish(subject, payload)
+
+    async def _beat(self) -> None:
+        heartbeat = orjson.dumps({"epoch": self.epoch})
+        while True:
+            if self._nc.is_connected:
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(f"{self._prefix}.heartbeat", heartbeat)
+            await asyncio.sleep(self._heartbeat_s)
 
     async def _on_snapshot(self, msg: Msg) -> None:
         symbol = msg.data.decode(errors="replace")
@@ -184,6 +205,10 @@ class _Feed:
         self.seq = 0
         self.buffer: list[tuple[str, int, dict[str, Any]]] = []
         self.joining: asyncio.Task[None] | None = None
+        #: When it last went live (monotonic): its source's heartbeat counts from then.
+        self.joined_at = 0.0
+        #: Streams the bus itself marked down, to set right when the feed is back.
+        self.marked: set[Stream] = set()
 
 
 class NatsBus(Bus):
@@ -193,18 +218,21 @@ class NatsBus(Bus):
         source: Source | None,
         prefix: str = DEFAULT_PREFIX,
         lease_s: float = DEFAULT_LEASE_S,
+        source_timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S,
     ) -> None:
         super().__init__()
         self._url = url
         self._source = source
         self._prefix = prefix
         self._lease_s = lease_s
+        self._liveness = SourceLiveness(source_timeout_s)
         self._nc: Client | None = None
         self._source_side: _SourceSide | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
         self._feeds: dict[str, _Feed] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewal: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         #: Gaps seen and resyncs done, for tests and metrics.
         self.resyncs = 0
 
@@ -219,13 +247,22 @@ class NatsBus(Bus):
             error_cb=self._on_error,
         )
         if self._source is not None:
-            self._source_side = _SourceSide(self._nc, self._source, self._prefix, self._lease_s)
+            self._source_side = _SourceSide(
+                self._nc,
+                self._source,
+                self._prefix,
+                self._lease_s,
+                self._liveness.timeout_s / 3,
+            )
             await self._source_side.start()
+        await self._start_liveness()
         self._renewal = asyncio.create_task(self._renew(), name="caspian-nats-interest")
 
     async def stop(self) -> None:
         if self._renewal is not None:
             self._renewal.cancel()
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._nc is None:
@@ -248,6 +285,46 @@ class NatsBus(Bus):
             self._source_side.publish(event)
 
     # -- gateway side ------------------------------------------------------
+
+    def source_heard(self) -> bool:
+        """Whether events can come: a source runs here, or one was heard within the timeout."""
+        return self._source is not None or bool(self._liveness.sources())
+
+    async def _start_liveness(self) -> None:
+        assert self._nc is not None
+
+        async def on_heartbeat(msg: Msg) -> None:
+            try:
+                epoch = str(orjson.loads(msg.data)["epoch"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.warning("ignoring a malformed heartbeat")
+                return
+            self._liveness.heard(epoch)
+
+        await self._nc.subscribe(f"{self._prefix}.heartbeat", cb=on_heartbeat)
+        self._liveness_task = asyncio.create_task(
+            self._watch_sources(), name="caspian-nats-liveness"
+        )
+
+    async def _watch_sources(self) -> None:
+        """Marks down, and joins again, every feed whose source has gone silent."""
+        liveness = self._liveness
+        while True:
+            await asyncio.sleep(liveness.timeout_s / 4)
+            heard = liveness.sources()
+            BUS_SOURCES_HEARD.set(len(heard))
+            for symbol, feed in list(self._feeds.items()):
+                if feed.live and not liveness.alive(feed.epoch, feed.joined_at):
+                    log.warning(
+                        "no heartbeat from the source of %s (epoch %s) for %g s: "
+                        "marked disconnected until a source answers",
+                        symbol,
+                        feed.epoch,
+                        liveness.timeout_s,
+                    )
+                    BUS_SOURCE_TIMEOUTS.inc()
+                    self._mark_disconnected(symbol, feed)
+                    self._join(symbol, feed)
 
     def watch(self, symbol: str) -> None:
         if symbol in self._feeds:
@@ -307,7 +384,9 @@ class NatsBus(Bus):
                 delay = min(delay * 2, 5.0)
                 continue
             self._deliver_all(events)
+            self._restore(symbol, feed, events)
             feed.epoch, feed.seq, feed.live = epoch, seq, True
+            feed.joined_at = self._liveness.now()
             buffered, feed.buffer = feed.buffer, []
             for event_epoch, event_seq, raw in buffered:
                 if not self._accept(symbol, feed, event_epoch, event_seq, raw):
@@ -341,7 +420,7 @@ class NatsBus(Bus):
             )
             self.resyncs += 1
             BUS_RESYNCS.inc()
-            self._mark_disconnected(symbol)
+            self._mark_disconnected(symbol, feed)
             self._join(symbol, feed)
             return False
         feed.seq = seq
@@ -359,13 +438,28 @@ class NatsBus(Bus):
             for event in events:
                 handler(event)
 
-    def _mark_disconnected(
-        self, symbol: str, streams: tuple[Stream, ...] = (Stream.DEPTH,)
-    ) -> None:
+    def _mark_disconnected(self, symbol: str, feed: _Feed) -> None:
+        """All three streams: whatever was lost may have been a book change, a quote or a trade."""
+        ts = now_us()
+        feed.marked.update(Stream)
+        self._deliver_all(
+            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in Stream]
+        )
+
+    def _restore(self, symbol: str, feed: _Feed, events: list[Event]) -> None:
+        """After a join, ``connected`` for the streams the bus marked down and the snapshot
+        does not speak of (a source that never declares a stream's state): the source
+        answered, so those streams are up again."""
+        declared = {event.stream for event in events if isinstance(event, StatusEvent)}
         ts = now_us()
         self._deliver_all(
-            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in streams]
+            [
+                StatusEvent(symbol, ts, stream, StreamState.CONNECTED)
+                for stream in Stream
+                if stream in feed.marked and stream not in declared
+            ]
         )
+        feed.marked.clear()
 
     def _announce(self) -> None:
         nc = self._nc
@@ -382,8 +476,8 @@ class NatsBus(Bus):
 
     async def _on_disconnected(self) -> None:
         # Every watched stream may now miss events: say so at once.
-        for symbol in self._feeds:
-            self._mark_disconnected(symbol, tuple(Stream))
+        for symbol, feed in self._feeds.items():
+            self._mark_disconnected(symbol, feed)
 
     async def _on_reconnected(self) -> None:
         self._announce()

@@ -1,0 +1,186 @@
+"""A dead source is never silent: gateways mark its symbols down within the timeout.
+
+The source runs as its own `caspian serve` process, so that it can be killed
+with SIGKILL as an operator's host would lose it; the gateway is a
+gateway-only instance fed over a real NATS server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from caspian.bus.liveness import SourceLiveness
+from tests.support.cli import cli_env
+from tests.support.client import Message, StreamClient, apply_level2
+from tests.support.nats import NatsServer
+from tests.support.service import RunningService, start_service
+
+SYMBOL = "FX-BTC/USD=GEMINI"
+TIMEOUT_S = 1.0
+
+
+def test_liveness_counts_from_the_join_and_forgets_old_epochs() -> None:
+    now = [0.0]
+    liveness = SourceLiveness(3.0, clock=lambda: now[0])
+    assert liveness.alive("a", since=0.0)
+    now[0] = 2.0
+    liveness.heard("a")
+    now[0] = 4.9
+    assert liveness.alive("a", since=0.0) and not liveness.alive("b", since=1.0)
+    assert liveness.alive("b", since=2.0)
+    assert liveness.sources() == {"a": pytest.approx(2.9)}
+    now[0] = 5.1
+    assert not liveness.alive("a", since=0.0)
+    assert liveness.sources() == {}
+    now[0] = 100.0
+    liveness.heard("c")
+    assert liveness.sources() == {"c": 0.0}
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+class SourceProcess:
+    """`caspian serve` as a source publishing to NATS, in a process of its own."""
+
+    def __init__(self, data_dir: Path, nats_url: str) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = cli_env(
+            data_dir,
+            CASPIAN_BUS=nats_url,
+            CASPIAN_PORT="0",
+            CASPIAN_MAINTENANCE="off",
+            CASPIAN_SIMULATOR_RATE="40",
+            CASPIAN_SOURCE_TIMEOUT_S=str(TIMEOUT_S),
+            CASPIAN_LOG_LEVEL="warning",
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "caspian", "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert "Caspian REST API" in line, line
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+@pytest.fixture
+def gateway(nats_server: NatsServer, tmp_path: Path) -> Iterator[RunningService]:
+    running = start_service(
+        tmp_path / "gateway", bus=nats_server.url, source="none", source_timeout_s=TIMEOUT_S
+    )
+    yield running
+    running.stop()
+
+
+async def next_state(client: StreamClient, kind: str, predicate: Any, within: float) -> Message:
+    return await client.wait_for(lambda m: m["type"] == kind and predicate(m), within)
+
+
+async def test_a_killed_source_is_shown_to_every_client_within_the_timeout(
+    nats_server: NatsServer, gateway: RunningService, tmp_path: Path
+) -> None:
+    source = await asyncio.to_thread(SourceProcess, tmp_path / "source", nats_server.url)
+    restarted: SourceProcess | None = None
+    try:
+        token = await asyncio.to_thread(gateway.token)
+        level1 = await StreamClient.open(gateway.stream_url, token)
+        level2 = await StreamClient.open(gateway.stream_url, token)
+        await level1.subscribe(SYMBOL, "Level1", conflation="None")
+        await level2.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        await next_state(level1, "Level1", lambda m: "bid" in m["payload"], 20)
+        await next_state(level2, "Level2", lambda m: m["payload"], 20)
+
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        await asyncio.to_thread(source.kill)
+        await next_state(level2, "Level2", lambda m: m["depthStream"] == "disconnected", 10)
+        depth_down = loop.time() - killed_at
+        await next_state(
+            level1,
+            "Level1",
+            lambda m: m["bboStream"] == "disconnected" and m["tradeStream"] == "disconnected",
+            10,
+        )
+        level1_down = loop.time() - killed_at
+        assert depth_down <= TIMEOUT_S + 1 and level1_down <= TIMEOUT_S + 1, (
+            depth_down,
+            level1_down,
+        )
+
+        # A source back: a whole top-N, the streams up again, and a book that stays whole.
+        restarted = await asyncio.to_thread(SourceProcess, tmp_path / "again", nats_server.url)
+        whole = await next_state(
+            level2,
+            "Level2",
+            lambda m: m["depthStream"] == "connected" and len(m["payload"]) >= 20,
+            20,
+        )
+        book: dict[Any, float] = {}
+        apply_level2(book, whole)
+        for _ in range(30):
+            apply_level2(book, await next_state(level2, "Level2", lambda m: True, 10))
+        assert sum(1 for side, _ in book if side == "bid") == 10
+        assert sum(1 for side, _ in book if side == "ask") == 10
+        best_bid = max(price for side, price in book if side == "bid")
+        best_ask = min(price for side, price in book if side == "ask")
+        assert best_bid < best_ask
+        await next_state(
+            level1,
+            "Level1",
+            lambda m: m["bboStream"] == "connected" and m["tradeStream"] == "connected",
+            20,
+        )
+        await level1.close()
+        await level2.close()
+    finally:
+        source.kill()
+        if restarted is not None:
+            restarted.kill()
+
+
+async def test_a_quiet_symbol_is_not_taken_for_a_dead_source(
+    nats_server: NatsServer, gateway: RunningService, tmp_path: Path
+) -> None:
+    source = start_service(
+        tmp_path / "quiet",
+        bus=nats_server.url,
+        simulator_rate=0.2,
+        source_timeout_s=TIMEOUT_S,
+    )
+    try:
+        client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+        await client.subscribe(SYMBOL, "Level2", conflation="None")
+        await next_state(client, "Level2", lambda m: m["payload"], 20)
+        # Several timeouts with hardly an event: nothing may say disconnected.
+        with contextlib.suppress(TimeoutError):
+            message = await next_state(
+                client, "Level2", lambda m: m["depthStream"] == "disconnected", 4 * TIMEOUT_S
+            )
+            pytest.fail(f"a quiet symbol was marked down: {message}")
+        await client.close()
+    finally:
+        source.stop()
