@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -126,8 +129,15 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog=_settings_help())
-def serve(
+class Role(StrEnum):
+    """What one process does: ``serve`` everything, or one side of a cluster."""
+
+    ALL = "serve"
+    INGEST = "ingest"
+    GATEWAY = "gateway"
+
+
+def _service_options(
     host: Annotated[
         str | None, typer.Option(help="Listening address [env: CASPIAN_HOST; default 127.0.0.1]")
     ] = None,
@@ -204,52 +214,142 @@ def serve(
         str | None, typer.Option(help="debug, info, warning or error [env: CASPIAN_LOG_LEVEL]")
     ] = None,
 ) -> None:
-    """Start the service: REST and the WebSocket stream on one address.
+    """The flags of ``serve``, ``ingest`` and ``gateway``, declared once: each command
+    takes these parameters (less those ``_service_command`` leaves out)."""
 
-    Every setting also comes from its CASPIAN_* environment variable; a flag wins.
-    """
-    settings = _settings(
-        host=host,
-        port=port,
-        data_dir=data_dir or _STORE_OPTIONS.get("data_dir"),
-        database_url=database_url or _STORE_OPTIONS.get("database_url"),
-        source=source,
-        replay_speed=replay_speed,
-        bus=bus,
-        token_ttl_s=token_ttl_s,
-        heartbeat_s=heartbeat_s,
-        max_queue=max_queue,
-        max_subscriptions=max_subscriptions,
-        maintenance=maintenance,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        log_level=log_level,
+
+_WORKERS = inspect.Parameter(
+    "workers",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    default=1,
+    annotation=Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="CASPIAN_WORKERS",
+            show_envvar=False,
+            help="Processes serving clients on the one port. Above 1: a NATS server, one "
+            "ingest and N gateway processes sharing the port (SO_REUSEPORT), supervised "
+            "and restarted if they die; needs pip install 'caspian[cluster]' "
+            "[env: CASPIAN_WORKERS; default 1: one process, in-process bus]",
+        ),
+    ],
+)
+_READY_FD = inspect.Parameter(
+    "ready_fd",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    default=None,
+    annotation=Annotated[
+        int | None,
+        # Given by the supervisor of ``serve --workers``: the worker writes a line there
+        # once it serves.
+        typer.Option(hidden=True),
+    ],
+)
+
+
+def _service_command(
+    role: Role, extra: tuple[inspect.Parameter, ...] = (), without: frozenset[str] = frozenset()
+) -> Callable[..., None]:
+    """A command running the service in ``role``, with the flags of ``_service_options``."""
+    template = inspect.signature(_service_options, eval_str=True)
+    parameters = [p for name, p in template.parameters.items() if name not in without]
+
+    def command(**options: Any) -> None:
+        _run_service(role, **options)
+
+    command.__signature__ = template.replace(  # type: ignore[attr-defined]
+        parameters=[*parameters, *extra]
     )
+    return command
+
+
+def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **options: Any) -> None:
+    flags = {name: value for name, value in options.items() if value is not None}
+    for name in ("data_dir", "database_url"):
+        if name not in flags and _STORE_OPTIONS.get(name) is not None:
+            flags[name] = _STORE_OPTIONS[name]
+    # A gateway's events come over the bus, whatever CASPIAN_SOURCE says.
+    settings = _settings(**flags, **({"source": "none"} if role is Role.GATEWAY else {}))
     from caspian.logs import install_redaction
 
     install_redaction()
+    # Processes of one host (serve --workers) write to one log: each line says whose.
+    who = "" if role is Role.ALL and workers == 1 else f"{role if workers == 1 else 'supervisor'}"
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who + '[%(process)d] ' if who else ''}"
+        "%(name)s: %(message)s",
     )
     # Migrations run at every start; their step-by-step notes are noise there.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
-    from caspian.server import Listening
+    from caspian.server import Listening, addresses
     from caspian.server import serve as run_server
     from caspian.store import StoreError
+    from caspian.supervisor import READY_LINE, SupervisorError, Workers, run_workers
 
     def ready(listening: Listening) -> None:
-        typer.echo(f"Caspian REST API: {listening.rest_url}", err=False)
-        typer.echo(f"Caspian stream:   {listening.stream_url}")
+        if ready_fd is not None:
+            # A worker of serve --workers: its supervisor prints the addresses, once.
+            os.write(ready_fd, READY_LINE)
+            os.close(ready_fd)
+            return
+        if role is Role.INGEST:
+            base = listening.rest_url.removesuffix("/v1")
+            typer.echo(f"Caspian ingest:   {base} (/healthz, /readyz, /metrics only)")
+        else:
+            typer.echo(f"Caspian REST API: {listening.rest_url}")
+            typer.echo(f"Caspian stream:   {listening.stream_url}")
+        sys.stdout.flush()
+
+    def workers_ready(running: Workers) -> None:
+        rest, stream = addresses(running.host, running.port, settings.tls_cert is not None)
+        typer.echo(f"Caspian REST API: {rest}")
+        typer.echo(f"Caspian stream:   {stream}")
+        if running.ingest_port is not None:
+            scheme = "https" if settings.tls_cert is not None else "http"
+            typer.echo(
+                f"Caspian ingest:   {scheme}://127.0.0.1:{running.ingest_port} "
+                "(/healthz, /readyz, /metrics only)"
+            )
+        pids = ", ".join(str(child.pid) for child in running.children)
+        typer.echo(f"Caspian workers:  {len(running.children)} processes (pids {pids})")
         sys.stdout.flush()
 
     _stop_on_sigterm()
     try:
-        asyncio.run(run_server(settings, ready))
+        if workers > 1:
+            asyncio.run(run_workers(settings, flags, workers, workers_ready))
+        else:
+            asyncio.run(run_server(settings, ready, ingest=role is Role.INGEST))
     except KeyboardInterrupt:
         pass
-    except (StoreError, ValueError, OSError) as exc:
+    except (StoreError, SupervisorError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+app.command(
+    "serve",
+    epilog=_settings_help(),
+    help="Start the service: REST and the WebSocket stream on one address, and the market "
+    "data source. With --workers N, one ingest and N gateway processes on this host "
+    "instead. Every setting also comes from its CASPIAN_* environment variable; a flag wins.",
+)(_service_command(Role.ALL, extra=(_WORKERS,)))
+
+app.command(
+    "ingest",
+    epilog=_settings_help(),
+    help="Run the market data source alone, publishing to the NATS bus (CASPIAN_BUS=nats://"
+    "…) for gateways; its address answers only /healthz, /readyz and /metrics. Same "
+    "settings as serve.",
+)(_service_command(Role.INGEST, extra=(_READY_FD,)))
+
+app.command(
+    "gateway",
+    epilog=_settings_help(),
+    help="Serve clients (REST and the stream) fed by the NATS bus (CASPIAN_BUS=nats://…), "
+    "with no source of its own. Same settings as serve, less the source's.",
+)(_service_command(Role.GATEWAY, extra=(_READY_FD,), without=frozenset({"source", "replay_speed"})))
 
 
 @app.command()

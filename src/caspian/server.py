@@ -1,4 +1,9 @@
-"""Runs the service: REST and the stream on one address, through uvicorn."""
+"""Runs the service: REST and the stream on one address, through uvicorn.
+
+In the ``ingest`` role (``caspian ingest``) the same service runs its source and
+publishes to the NATS bus, and its address answers only the operator's paths
+(``INGEST_PATHS``): no REST API, no stream.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from caspian.auth.proxies import TrustedProxies
 from caspian.gateway.connection import STREAM_PATH, StreamConnection
@@ -22,6 +29,29 @@ from caspian.service import Service
 from caspian.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: What an ingest instance's address answers; any other path is 404.
+INGEST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def operator_paths_only(app: ASGIApp) -> ASGIApp:
+    """``app`` answering only ``INGEST_PATHS``: 404, in the REST error form, for the rest."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in INGEST_PATHS:
+            response = JSONResponse(
+                {
+                    "code": 404,
+                    "message": "Not found: this is an ingest instance; it serves "
+                    + ", ".join(sorted(INGEST_PATHS)),
+                },
+                status_code=404,
+            )
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +91,35 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
     return sock
 
 
-async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None = None) -> None:
-    """Start everything, call ``on_ready`` once clients can connect, run until stopped."""
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[Listening], None] | None = None,
+    ingest: bool = False,
+) -> None:
+    """Start everything, call ``on_ready`` once clients can connect, run until stopped.
+
+    ``ingest``: as ``caspian ingest``, answering only ``INGEST_PATHS``.
+    """
+    if ingest:
+        if not settings.bus.startswith(("nats://", "tls://")):
+            raise ValueError("caspian ingest publishes to a NATS bus: set CASPIAN_BUS=nats://…")
+        if settings.source == "none":
+            raise ValueError("caspian ingest needs a source: CASPIAN_SOURCE must not be none")
     service = Service(settings)
     sock = listen_socket(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()
         limits = client_limits(settings, service.proxies)
         config = uvicorn.Config(
-            service.rest,
+            operator_paths_only(service.rest) if ingest else service.rest,
             http=GuardedHttp.bound(
                 limits,
                 settings.handshake_timeout_s,
                 settings.max_header_bytes,
                 settings.max_headers,
             ),
-            ws=StreamConnection.bound(service.gateway, limits),
+            # Without a WebSocket protocol, an upgrade to the stream is a plain request: 404.
+            ws="none" if ingest else StreamConnection.bound(service.gateway, limits),
             lifespan="off",
             log_level=settings.log_level,
             access_log=False,
@@ -90,16 +133,20 @@ async def serve(settings: Settings, on_ready: Callable[[Listening], None] | None
         )
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        secure = settings.tls_cert is not None
-        base = f"{'https' if secure else 'http'}://{shown}:{port}"
-        stream = f"{'wss' if secure else 'ws'}://{shown}:{port}{STREAM_PATH}"
+        rest, stream = addresses(host, port, settings.tls_cert is not None)
         if on_ready is not None:
-            on_ready(Listening(f"{base}/v1", stream, server, service))
+            on_ready(Listening(rest, stream, server, service))
         await server.serve(sockets=[sock])
     finally:
         sock.close()
         await service.stop()
+
+
+def addresses(host: str, port: int, secure: bool) -> tuple[str, str]:
+    """The REST API's and the stream's URLs on ``host:port``."""
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{'https' if secure else 'http'}://{shown}:{port}"
+    return f"{base}/v1", f"{'wss' if secure else 'ws'}://{shown}:{port}{STREAM_PATH}"
 
 
 def client_limits(settings: Settings, proxies: TrustedProxies) -> ConnectionLimits:
