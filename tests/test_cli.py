@@ -516,6 +516,17 @@ def test_serve_with_a_configured_signing_key(data_dir: Path) -> None:
         ({"CASPIAN_REUSE_PORT": "maybe"}, "reuse_port"),
         ({"CASPIAN_LIVE_MAX_LAG_S": "0"}, "live_max_lag_s"),
         ({"CASPIAN_SOURCE": "live:CEX"}, "cannot stream CEX live"),
+        ({"CASPIAN_BUS": "redis://127.0.0.1:6379"}, "neither memory nor a nats://"),
+        ({"CASPIAN_BUS": "nats://127.0.0.1:4222,,nats://b:4222"}, "an empty entry"),
+        ({"CASPIAN_BUS": "nats://:4222"}, "names no host"),
+        ({"CASPIAN_BUS": "nats://127.0.0.1:4222/db"}, "no path, query or fragment"),
+        ({"CASPIAN_BUS_PREFIX": "caspian.*"}, "bus_prefix"),
+        ({"CASPIAN_BUS_PREFIX": "a..b"}, "bus_prefix"),
+        ({"CASPIAN_NATS_CREDS": "/nonexistent/user.creds"}, "nats_creds: Value error, cannot read"),
+        ({"CASPIAN_NATS_CREDS": __file__}, "not a NATS credentials file"),
+        ({"CASPIAN_NATS_TLS_CA": "/nonexistent/ca.pem"}, "CASPIAN_NATS_TLS_CA: cannot load"),
+        ({"CASPIAN_NATS_TLS_CERT": __file__}, "CASPIAN_NATS_TLS_CERT/KEY: cannot load"),
+        ({"CASPIAN_NATS_TLS_KEY": __file__}, "needs CASPIAN_NATS_TLS_CERT"),
     ],
 )
 def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], expected: str) -> None:
@@ -523,6 +534,20 @@ def test_serve_refuses_invalid_settings(data_dir: Path, env: dict[str, str], exp
     # accepted would otherwise leave a server running.
     line = fails(data_dir, "serve", timeout=30, **({"CASPIAN_PORT": "0"} | env))
     assert expected in line
+
+
+@pytest.mark.parametrize(
+    "bus",
+    [
+        "nats://caspian:s3cret-pass@127.0.0.1:notaport",
+        "nats://127.0.0.1:4222, nats://s3cret-pass@b:70000",
+        "redis://caspian:s3cret-pass@127.0.0.1:6379",
+    ],
+)
+def test_a_bad_bus_is_shown_without_its_password(data_dir: Path, bus: str) -> None:
+    line = fails(data_dir, "serve", timeout=30, CASPIAN_PORT="0", CASPIAN_BUS=bus)
+    assert "s3cret-pass" not in line
+    assert "***@" in line
 
 
 def test_serve_on_a_taken_port_says_which(data_dir: Path) -> None:

@@ -85,6 +85,18 @@ BUS_SOURCE_TIMEOUTS = Counter(
     "Symbol feeds marked disconnected because their source stopped its heartbeat.",
 )
 
+#: 1 while the NATS bus is connected (and the in-process bus, always); 0 while it
+#: connects for the first time or reconnects.
+BUS_CONNECTED = Gauge("caspian_bus_connected", "1 while the bus is connected, 0 otherwise.")
+
+#: Connections to NATS made again after one was lost (to the same or another server).
+BUS_RECONNECTS = Counter("caspian_bus_reconnects_total", "NATS connections re-established.")
+
+#: Whole-state requests a gateway sent to the source side (each retry counts).
+BUS_SNAPSHOT_REQUESTS = Counter(
+    "caspian_bus_snapshot_requests_total", "Snapshot requests sent over the NATS bus."
+)
+
 #: NATS bus feeds rebuilt from a snapshot after a gap, a new source epoch or a reconnect.
 BUS_RESYNCS = Counter("caspian_bus_resyncs_total", "Bus feeds rebuilt from a snapshot.")
 

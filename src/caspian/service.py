@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from caspian.auth.access import AccessCheck
@@ -19,6 +20,7 @@ from caspian.auth.tokens import TokenService, load_or_create_secret
 from caspian.bus.base import Bus
 from caspian.bus.memory import MemoryBus
 from caspian.bus.nats import NatsBus
+from caspian.bus.nats_options import parse_servers, tls_context
 from caspian.catalog.builtin import builtin_products
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
@@ -31,7 +33,7 @@ from caspian.gateway.hub import Hub
 from caspian.gateway.registry import new_id
 from caspian.gateway.session import SessionLimits
 from caspian.maintenance import MaintenanceWindow
-from caspian.metrics import count_tasks
+from caspian.metrics import BUS_CONNECTED, count_tasks
 from caspian.rest.app import create_app
 from caspian.settings import Settings
 from caspian.sources.base import Source
@@ -51,6 +53,8 @@ GC_FREEZE_S = 5.0
 GC_FULL_S = 600.0
 #: How often the catalog is re-read, so products imported while running can be streamed.
 CATALOG_REFRESH_S = 15.0
+#: How long a readiness check waits for the store to answer.
+READY_STORE_TIMEOUT_S = 1.0
 
 
 async def seed_reference_data(store: Store) -> None:
@@ -125,9 +129,24 @@ def make_bus(settings: Settings, source: Source | None) -> Bus:
         if source is None:
             raise ValueError("a gateway with no source of its own needs a nats:// bus")
         return MemoryBus(source)
-    if settings.bus.startswith(("nats://", "tls://")):
-        return NatsBus(settings.bus, source, source_timeout_s=settings.source_timeout_s)
-    raise ValueError(f"unsupported bus {settings.bus!r}: use memory or a nats:// URL")
+    return NatsBus(
+        parse_servers(settings.bus),
+        source,
+        settings.bus_prefix,
+        source_timeout_s=settings.source_timeout_s,
+        credentials=settings.nats_creds,
+        tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether the service can serve, and the state of each part it needs."""
+
+    ready: bool
+    #: store: ok, unavailable or timeout; bus: in-process, connected, connecting,
+    #: reconnecting or closed; source: heard or not heard.
+    parts: dict[str, str]
 
 
 class Service:
@@ -181,6 +200,7 @@ class Service:
             self, settings.max_body_bytes, settings.metrics_token, settings.max_rest_in_flight
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._store_check: asyncio.Task[str] | None = None
 
     # The simulator looks products up through the service, so that it always
     # sees the catalog as last reloaded.
@@ -200,6 +220,43 @@ class Service:
             return 0.0
         return self._window.remaining_s(time.time())
 
+    def bus_state(self) -> str:
+        return self.bus.connection_state if isinstance(self.bus, NatsBus) else "in-process"
+
+    async def readiness(self) -> Readiness:
+        """What ``/readyz`` answers: ready when the store answers, the bus is connected
+        and a source is heard (always, for a source of its own)."""
+        parts = {
+            "store": await self._store_state(),
+            "bus": self.bus_state(),
+            "source": "heard" if self.bus.source_heard() else "not heard",
+        }
+        ready = (
+            parts["store"] == "ok"
+            and parts["bus"] in ("connected", "in-process")
+            and parts["source"] == "heard"
+        )
+        return Readiness(ready, parts)
+
+    async def _store_state(self) -> str:
+        # Probes asking at once share one query: a burst of them costs the store one.
+        check = self._store_check
+        if check is None or check.done():
+            check = self._store_check = asyncio.create_task(
+                self._check_store(), name="caspian-ready-store"
+            )
+        return await asyncio.shield(check)
+
+    async def _check_store(self) -> str:
+        try:
+            async with asyncio.timeout(READY_STORE_TIMEOUT_S):
+                await self.store.list_exchanges()
+        except TimeoutError:
+            return "timeout"
+        except StoreError:
+            return "unavailable"
+        return "ok"
+
     async def reload_catalog(self) -> None:
         records = await self.store.products()
         self.catalog = Catalog(record.spec for record in records)
@@ -209,6 +266,7 @@ class Service:
         await seed_reference_data(self.store)
         await self.reload_catalog()
         await self.bus.start()
+        BUS_CONNECTED.set_function(lambda: float(self.bus_state() in ("connected", "in-process")))
         count_tasks(asyncio.get_running_loop())
         self._tasks = [
             asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
@@ -236,6 +294,8 @@ class Service:
             with suppress(asyncio.CancelledError, Exception):
                 await task
         gc.unfreeze()
+        if self._store_check is not None:
+            self._store_check.cancel()
         await self.bus.stop()
         await self.store.close()
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from caspian.auth.proxies import TrustedProxies
+from caspian.bus.nats_options import check_creds, check_prefix, parse_servers, tls_context
 from caspian.codes import SymbolType
 
 #: The least ``session_stale_s``, whatever ``recheck_s``.
@@ -49,7 +50,26 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Replay pace: 1 = recorded pace, N = N times faster, 0 = at once."
     )
     replay_loop: bool = Field(False, description="Start the replay file again at its end.")
-    bus: str = Field("memory", description="Event bus: memory, or a nats:// URL.")
+    bus: str = Field(
+        "memory",
+        description="Event bus: memory, or the NATS servers of one cluster as nats:// or "
+        "tls:// URLs, comma-separated, with user:password@ or token@ in the URL if the "
+        "servers want them.",
+    )
+    bus_prefix: str = Field(
+        "caspian",
+        description="NATS subjects' prefix: deployments sharing one NATS each need their own.",
+    )
+    nats_creds: Path | None = Field(
+        None, description="NATS credentials file (user JWT and nkey seed) to connect with."
+    )
+    nats_tls_ca: Path | None = Field(
+        None, description="Authorities (PEM) NATS servers' TLS certificates are checked against."
+    )
+    nats_tls_cert: Path | None = Field(
+        None, description="Client certificate (PEM) for NATS servers that verify clients."
+    )
+    nats_tls_key: Path | None = Field(None, description="Private key (PEM) of nats_tls_cert.")
     token_ttl_s: int = Field(86_400, gt=0, description="Access token lifetime in seconds.")
     jwt_secret: str | None = Field(
         None,
@@ -206,6 +226,29 @@ class Settings(BaseSettings):
     def _valid_proxies(cls, value: list[str]) -> list[str]:
         TrustedProxies(value)
         return value
+
+    @field_validator("bus")
+    @classmethod
+    def _bus(cls, value: str) -> str:
+        if value == "memory":
+            return value
+        return ",".join(parse_servers(value))
+
+    @field_validator("bus_prefix")
+    @classmethod
+    def _bus_prefix(cls, value: str) -> str:
+        return check_prefix(value)
+
+    @field_validator("nats_creds")
+    @classmethod
+    def _nats_creds(cls, value: Path | None) -> Path | None:
+        return None if value is None else check_creds(value)
+
+    @model_validator(mode="after")
+    def _nats_tls(self) -> Settings:
+        # Loaded once here for the one-line error at startup; the bus loads its own.
+        tls_context(self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
+        return self
 
     @field_validator("maintenance")
     @classmethod

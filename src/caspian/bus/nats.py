@@ -34,9 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -47,9 +50,17 @@ from nats.aio.subscription import Subscription as NatsSubscription
 
 from caspian.bus.base import Bus
 from caspian.bus.liveness import SourceLiveness
+from caspian.bus.nats_options import redact
 from caspian.codes import Stream, StreamState
 from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
-from caspian.metrics import BUS_RESYNCS, BUS_SOURCE_TIMEOUTS, BUS_SOURCES_HEARD
+from caspian.metrics import (
+    BUS_RECONNECTS,
+    BUS_RESYNCS,
+    BUS_SNAPSHOT_REQUESTS,
+    BUS_SOURCE_TIMEOUTS,
+    BUS_SOURCES_HEARD,
+)
+from caspian.pacing import LogThrottle
 from caspian.sources.base import Source
 from caspian.sources.tracker import SymbolTracker
 from caspian.timefmt import now_us
@@ -214,41 +225,69 @@ class _Feed:
 class NatsBus(Bus):
     def __init__(
         self,
-        url: str,
+        servers: str | Sequence[str],
         source: Source | None,
         prefix: str = DEFAULT_PREFIX,
         lease_s: float = DEFAULT_LEASE_S,
         source_timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S,
+        *,
+        credentials: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__()
-        self._url = url
+        #: One cluster's servers: nats-py moves to another when one goes away.
+        self._servers = [servers] if isinstance(servers, str) else list(servers)
+        self._credentials = credentials
+        self._tls = tls
         self._source = source
         self._prefix = prefix
         self._lease_s = lease_s
         self._liveness = SourceLiveness(source_timeout_s)
+        #: Set once the first connection is up, and from then on kept while it reconnects.
         self._nc: Client | None = None
+        self._up = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None
+        self._client: Client | None = None
         self._source_side: _SourceSide | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
         self._feeds: dict[str, _Feed] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewal: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
+        self._errors = LogThrottle(log)
         #: Gaps seen and resyncs done, for tests and metrics.
         self.resyncs = 0
 
     async def start(self) -> None:
-        self._nc = await nats.connect(
-            self._url,
+        """Connects in the background, so the service serves its health and readiness
+        (and its clients, who see ``disconnected``) while NATS is down; what needs the
+        connection waits for it (``_connection``)."""
+        self._connecting = asyncio.create_task(self._connect(), name="caspian-nats-connect")
+        self._renewal = asyncio.create_task(self._renew(), name="caspian-nats-interest")
+
+    async def _connect(self) -> None:
+        client = self._client = Client()
+        log.info("NATS: connecting to %s", ", ".join(redact(url) for url in self._servers))
+        # max_reconnect_attempts=-1 makes nats-py try the servers in turn, a second
+        # apart per server, until one answers: for the first connection as for later ones.
+        await client.connect(
+            self._servers,
             name=f"caspian-{self._gateway_id}",
+            allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
+            connect_timeout=2,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             error_cb=self._on_error,
+            user_credentials=str(self._credentials) if self._credentials else None,
+            tls=self._tls,
         )
+        self._nc = client
+        log.info("NATS: connected to %s", self._server_shown())
         if self._source is not None:
             self._source_side = _SourceSide(
-                self._nc,
+                client,
                 self._source,
                 self._prefix,
                 self._lease_s,
@@ -256,16 +295,46 @@ class NatsBus(Bus):
             )
             await self._source_side.start()
         await self._start_liveness()
-        self._renewal = asyncio.create_task(self._renew(), name="caspian-nats-interest")
+        self._up.set()
+        self._announce()
+
+    async def _connection(self) -> Client:
+        """The NATS connection, once it has been up (it may be reconnecting now)."""
+        await self._up.wait()
+        assert self._nc is not None
+        return self._nc
+
+    @property
+    def connection_state(self) -> str:
+        """``connected``, ``connecting`` (never connected yet), ``reconnecting`` or ``closed``."""
+        nc = self._nc
+        if nc is None:
+            return "connecting" if self._client is not None else "closed"
+        if nc.is_connected:
+            return "connected"
+        return "reconnecting" if nc.is_reconnecting else "closed"
+
+    def _server_shown(self) -> str:
+        url = self._nc.connected_url if self._nc is not None else None
+        return redact(url.geturl()) if url is not None else "?"
 
     async def stop(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connecting
         if self._renewal is not None:
             self._renewal.cancel()
         if self._liveness_task is not None:
             self._liveness_task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        client, self._client = self._client, None
         if self._nc is None:
+            if client is not None:
+                # Stopped while still trying to connect.
+                with contextlib.suppress(Exception):
+                    await client.close()
             return
         with contextlib.suppress(Exception):
             await self._nc.publish(
@@ -344,12 +413,12 @@ class NatsBus(Bus):
         self._announce()
 
     async def _subscribe(self, symbol: str, feed: _Feed) -> None:
-        assert self._nc is not None
+        nc = await self._connection()
 
         async def on_event(msg: Msg) -> None:
             self._on_event(symbol, feed, msg.data)
 
-        feed.subscription = await self._nc.subscribe(
+        feed.subscription = await nc.subscribe(
             f"{self._prefix}.md.{symbol_token(symbol)}", cb=on_event
         )
         if self._feeds.get(symbol) is not feed:
@@ -370,6 +439,7 @@ class NatsBus(Bus):
             if nc is None:
                 return
             try:
+                BUS_SNAPSHOT_REQUESTS.inc()
                 msg = await nc.request(
                     f"{self._prefix}.snapshot.{symbol_token(symbol)}",
                     symbol.encode(),
@@ -475,11 +545,14 @@ class NatsBus(Bus):
                 self._announce()
 
     async def _on_disconnected(self) -> None:
+        log.warning("NATS: disconnected from %s", self._server_shown())
         # Every watched stream may now miss events: say so at once.
         for symbol, feed in self._feeds.items():
             self._mark_disconnected(symbol, feed)
 
     async def _on_reconnected(self) -> None:
+        BUS_RECONNECTS.inc()
+        log.info("NATS: reconnected to %s", self._server_shown())
         self._announce()
         for symbol, feed in self._feeds.items():
             self.resyncs += 1
@@ -487,7 +560,8 @@ class NatsBus(Bus):
             self._join(symbol, feed)
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
+        # While NATS is down nats-py reports each failed attempt, a second apart per server.
+        self._errors.warning(type(exc).__name__, f"NATS: {exc or type(exc).__name__}")
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)

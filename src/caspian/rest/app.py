@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Path, Request
@@ -36,6 +36,9 @@ from caspian.pacing import LogThrottle
 from caspian.store import Store, StoreUnavailable
 from caspian.timefmt import format_us
 
+if TYPE_CHECKING:
+    from caspian.service import Readiness
+
 log = logging.getLogger(__name__)
 _throttled = LogThrottle(log)
 
@@ -47,6 +50,8 @@ class RestBackend(Protocol):
     proxies: TrustedProxies
 
     def maintenance_remaining(self) -> float: ...
+
+    async def readiness(self) -> Readiness: ...
 
 
 class ApiError(Exception):
@@ -555,7 +560,15 @@ def create_app(
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> Response:
+        # Liveness only: whatever the store, the bus or the source do, the process answers.
         return json_response({"status": "ok"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def ready() -> Response:
+        readiness = await backend.readiness()
+        return json_response(
+            {"ready": readiness.ready, **readiness.parts}, 200 if readiness.ready else 503
+        )
 
     expected_metrics = metrics_token.encode() if metrics_token else None
 
