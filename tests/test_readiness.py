@@ -95,6 +95,8 @@ async def test_a_gateway_serves_health_while_its_nats_is_down_and_streams_once_u
         # A client subscribing before NATS is up is served once it is.
         client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
         await client.subscribe(SYMBOL, "Level1", conflation="None")
+        first = await client.wait_for(lambda m: m["type"] == "Level1")
+        assert first["bboStream"] == first["tradeStream"] == "disconnected", first
         await asyncio.to_thread(stopped_nats.start)
         source = await asyncio.to_thread(start_service, tmp_path, bus=stopped_nats.url)
         update = await client.wait_for(
