@@ -73,8 +73,9 @@ def limits(
     symbol_types: frozenset[SymbolType] = frozenset(SymbolType),
     rate: float = 1e9,
     burst: int = 1_000_000,
+    refreshes: float = 1e9,
 ) -> SessionLimits:
-    return SessionLimits(max_subscriptions, symbol_types, rate, burst)
+    return SessionLimits(max_subscriptions, symbol_types, rate, burst, refreshes)
 
 
 def opened(session: Session, check: TokenCheck) -> Session:
@@ -562,3 +563,32 @@ def test_a_refreshed_token_with_fewer_exchanges_ends_the_subscriptions_it_no_lon
     assert answers == [("t", 200), ("b", 205)]
     assert [a.subscription.request_id for a in actions if isinstance(a, Stop)] == ["b"]
     assert set(session.subscriptions) == {"g"}
+
+
+def test_token_refreshes_past_their_rate_wait_in_order() -> None:
+    clock = Clock()
+    session = opened(Session(limits(refreshes=2.0), resolve, clock.monotonic, clock.wall_us), ALICE)
+
+    def refresh(request_id: str) -> bytes:
+        return orjson.dumps(
+            {"requestId": request_id, "type": "TokenRefresh", "payload": {"accessToken": "x"}}
+        )
+
+    checked = []
+    for index in range(8):
+        for action in session.receive(refresh(f"t{index}")):
+            if isinstance(action, VerifyToken):
+                checked.append(action.request_id)
+                session.token_checked(action.request_id, ALICE)
+    session.receive(subscribe("after"))
+    # A burst of five, then the rest wait, and the Subscribe behind them too.
+    assert checked == [f"t{index}" for index in range(5)]
+    clock.now += 0.5
+    actions = session.drain()
+    assert [a.request_id for a in actions if isinstance(a, VerifyToken)] == ["t5"]
+    assert isinstance(actions[-1], Wake) and actions[-1].delay == pytest.approx(0.5)
+    session.token_checked("t5", ALICE)
+    clock.now += 10
+    actions = session.drain()
+    assert [a.request_id for a in actions if isinstance(a, VerifyToken)] == ["t6", "t7"]
+    assert [m["requestId"] for m in sent(actions)] == ["after"]

@@ -683,3 +683,35 @@ async def test_store_survives_a_postgres_outage() -> None:
             await store.close()
     finally:
         server.destroy()
+
+
+async def test_argon2_checks_run_at_most_two_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'caspian.db'}")
+    await store.upgrade()
+    try:
+        info, _ = await store.create_key("alice")
+        running = 0
+        most = 0
+        lock = threading.Lock()
+        verify = store_module._verify
+
+        def counted(stored_hash: str, secret: str) -> bool:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            try:
+                time.sleep(0.05)
+                return verify(stored_hash, secret)
+            finally:
+                with lock:
+                    running -= 1
+
+        monkeypatch.setattr(store_module, "_verify", counted)
+        answers = await asyncio.gather(*(store.verify_key(info.key_id, "wrong") for _ in range(8)))
+        assert answers == [None] * 8
+        assert most == 2
+    finally:
+        await store.close()

@@ -474,8 +474,15 @@ async def test_unanswered_ping_closes_3006(tmp_path: Path) -> None:
         running.stop()
 
 
-async def test_slow_client_is_closed_3007_and_others_continue(tmp_path: Path) -> None:
-    running = start_service(tmp_path, max_queue=200, simulator_rate=100.0)
+@pytest.mark.parametrize(
+    "bound",
+    [{"max_queue": 200}, {"max_queue": 1_000_000, "max_queue_bytes": 200_000}],
+    ids=["messages", "bytes"],
+)
+async def test_slow_client_is_closed_3007_and_others_continue(
+    tmp_path: Path, bound: dict[str, int]
+) -> None:
+    running = start_service(tmp_path, simulator_rate=100.0, **bound)
     try:
         token = await asyncio.to_thread(running.token)
         symbols = [p.caspian_code for p in list(running.listening.service.catalog)[:30]]

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         50_000, gt=0, description="Undelivered messages per connection before close 3007."
     )
+    max_queue_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="Undelivered bytes per connection before close 3007, whatever the count.",
+    )
     max_subscriptions: int = Field(
         100, gt=0, description="Subscriptions per connection before SubscribeResponse 206."
     )
@@ -169,6 +174,12 @@ class Settings(BaseSettings):
     )
     max_message_burst: int = Field(
         500, gt=0, description="Inbound stream messages a connection may send at once."
+    )
+    max_token_refreshes_per_s: float = Field(
+        1.0,
+        gt=0,
+        description="TokenRefreshes per second per connection (bursts of 5); past them "
+        "they wait, never dropped. A client needs one per token lifetime.",
     )
     metrics_token: str | None = Field(
         None,

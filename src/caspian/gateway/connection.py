@@ -126,6 +126,7 @@ class StreamConnection(asyncio.Protocol):
         self._flush_queued = False
         self._paused = False
         self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
         self._closing = False
         self._expiry: asyncio.TimerHandle | None = None
         self._abort: asyncio.TimerHandle | None = None
@@ -161,8 +162,9 @@ class StreamConnection(asyncio.Protocol):
         transport = self._transport
         backlog = self._backlog
         while backlog and not self._paused and transport is not None:
-            batch = [backlog.popleft() for _ in range(min(_RESUME_BATCH, len(backlog)))]
-            transport.write(b"".join(batch))
+            batch = b"".join([backlog.popleft() for _ in range(min(_RESUME_BATCH, len(backlog)))])
+            self._backlog_bytes -= len(batch)
+            transport.write(batch)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -331,9 +333,18 @@ class StreamConnection(asyncio.Protocol):
 
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
-        if len(self._backlog) >= self._gateway.settings.max_queue:
+        self._backlog_bytes += len(frame)
+        settings = self._gateway.settings
+        # Bounded in messages, as the original promises, and in bytes: a few
+        # clients that stop reading whole-book updates must not take the memory.
+        if (
+            len(self._backlog) >= settings.max_queue
+            or self._backlog_bytes > settings.max_queue_bytes
+        ):
             _throttled.info(
-                "slow", f"closing a slow client: {len(self._backlog)} messages undelivered"
+                "slow",
+                f"closing a slow client: {len(self._backlog)} messages, "
+                f"{self._backlog_bytes} bytes undelivered",
             )
             self.close(CloseCode.QUEUE_LIMIT)
 
@@ -401,6 +412,7 @@ class StreamConnection(asyncio.Protocol):
             if pending:
                 transport.write(pending)
         self._backlog.clear()
+        self._backlog_bytes = 0
         self._out.clear()
         # A close can come from inside the hub's fan-out (3007): leave the
         # hub alone until that delivery loop is over.

@@ -50,6 +50,7 @@ class StreamSettings:
     #: session registry synced.
     recheck_s: float
     max_queue: int
+    max_queue_bytes: int
     max_message_bytes: int
     limits: SessionLimits
 

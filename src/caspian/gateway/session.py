@@ -65,6 +65,16 @@ MIN_WAKE_S = 0.01
 #: TokenRefresh checks in flight per connection; the messages after one more
 #: wait, in order, so that a flood costs the store a few queries at a time.
 MAX_PENDING_CHECKS = 4
+#: TokenRefreshes a connection may send at once, before their rate applies.
+TOKEN_REFRESH_BURST = 5
+
+
+class _Later(Exception):
+    """A message that must wait ``delay`` seconds for its rate, then be handled again."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
 
 Resolver = Callable[[str, SymbolType], ProductSpec | None]
 
@@ -160,6 +170,9 @@ class SessionLimits:
     #: Inbound messages per second, and at once; past them messages wait.
     max_messages_per_s: float
     max_message_burst: int
+    #: TokenRefreshes per second (each is a store query), in bursts of
+    #: ``TOKEN_REFRESH_BURST``; past them, they and what follows wait.
+    max_token_refreshes_per_s: float
 
 
 def encode(request_id: str, type_: MessageType, payload: dict[str, Any]) -> bytes:
@@ -233,6 +246,9 @@ class Session:
         #: Messages not yet handled, with whether each came as text.
         self._held: deque[tuple[bytes, bool]] = deque()
         self._bucket = TokenBucket(limits.max_messages_per_s, limits.max_message_burst, clock())
+        self._refreshes = TokenBucket(
+            limits.max_token_refreshes_per_s, TOKEN_REFRESH_BURST, clock()
+        )
         self._awaiting_pong = False
 
     # -- lifecycle -------------------------------------------------------
@@ -272,7 +288,12 @@ class Session:
                 actions.append(Wake(max(MIN_WAKE_S, self._bucket.wait(now))))
                 break
             data, text = held.popleft()
-            actions += self._handle(data, text)
+            try:
+                actions += self._handle(data, text)
+            except _Later as later:
+                held.appendleft((data, text))
+                actions.append(Wake(max(MIN_WAKE_S, later.delay)))
+                break
         return actions
 
     def heartbeat(self) -> list[Action]:
@@ -316,6 +337,8 @@ class Session:
             return [Send(_BINARY_REFUSED)]
         try:
             return self._dispatch(data)
+        except _Later:
+            raise
         except Exception:
             _throttled.exception("message", "processing a stream message failed")
             return [Send(protocol_error(ProtocolErrorCode.CANNOT_PROCESS))]
@@ -453,6 +476,9 @@ class Session:
             return [Send(protocol_error(ProtocolErrorCode.NO_ACCESS_TOKEN))]
         if self._in_use(request_id):
             return [_token_response(request_id, TokenRefreshCode.DUPLICATED_REQUEST_ID)]
+        now = self._clock()
+        if not self._refreshes.take(now):
+            raise _Later(self._refreshes.wait(now))
         self._pending_tokens.add(request_id)
         return [VerifyToken(request_id, token)]
 

@@ -14,13 +14,13 @@ import re
 import secrets
 import string
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -78,7 +78,12 @@ _SQLITE_BUSY_TIMEOUT_MS = 10_000
 _WRITE = "caspian_write"
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+T = TypeVar("T")
 _HASHER = PasswordHasher()
+#: argon2 checks and hashes run at once. Each takes 64 MiB and a core for tens of
+#: milliseconds: unbounded, a burst of logins took hundreds of MiB and starved the
+#: event loop's core; beyond these, logins wait their turn.
+_ARGON2_AT_ONCE = 2
 _SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
 #: Ids per statement when deleting sessions: far below every back end's limit of bound
 #: parameters, however many connections a gateway lost between two syncs.
@@ -324,6 +329,8 @@ class Store:
     """
 
     def __init__(self, url: str) -> None:
+        # One per store, hence per event loop: a semaphore belongs to the loop it waits in.
+        self._argon2_slots = asyncio.Semaphore(_ARGON2_AT_ONCE)
         try:
             self._url = make_url(url)
             options: dict[str, Any] = {"pool_pre_ping": True}
@@ -349,6 +356,10 @@ class Store:
     @property
     def _is_sqlite(self) -> bool:
         return self._url.get_backend_name() == "sqlite"
+
+    async def _argon2(self, function: Callable[..., T], *args: Any) -> T:
+        async with self._argon2_slots:
+            return await asyncio.to_thread(function, *args)
 
     @asynccontextmanager
     async def _session(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
@@ -379,7 +390,7 @@ class Store:
         if password == "":
             raise ValueError("a password cannot be empty")
         password_hash = (
-            None if password is None else await asyncio.to_thread(_HASHER.hash, password)
+            None if password is None else await self._argon2(_HASHER.hash, password)
         )
         user = User(
             name=name,
@@ -411,7 +422,7 @@ class Store:
             user = await _find_user(session, name)
             exchanges = [] if user is None else await _entitled(session, user.id)
         stored_hash = None if user is None or user.disabled else user.password_hash
-        if not await asyncio.to_thread(_verify, stored_hash, password) or user is None:
+        if not await self._argon2(_verify, stored_hash, password) or user is None:
             return None
         # Verifying takes a while: a password changed or a user disabled meanwhile must not
         # let the old password in, or its token would postdate the change and stay valid.
@@ -429,7 +440,7 @@ class Store:
         """Give the user a new password; every token issued to them so far stops working."""
         if password == "":
             raise ValueError("a password cannot be empty")
-        password_hash = await asyncio.to_thread(_HASHER.hash, password)
+        password_hash = await self._argon2(_HASHER.hash, password)
         async with self._session(write=True) as session:
             user = await _require_user(session, name)
             user.password_hash = password_hash
@@ -492,7 +503,7 @@ class Store:
         """
         _check_user_name(user)
         secret = secrets.token_urlsafe(_SECRET_BYTES)
-        secret_hash = await asyncio.to_thread(_HASHER.hash, secret)
+        secret_hash = await self._argon2(_HASHER.hash, secret)
         key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
         now = _now()
         async with self._session(write=True) as session:
@@ -553,7 +564,7 @@ class Store:
             ).first()
         usable = row is not None and not row[0].revoked and not row[2]
         stored_hash = row[0].secret_hash if row is not None and usable else None
-        if not await asyncio.to_thread(_verify, stored_hash, secret) or row is None:
+        if not await self._argon2(_verify, stored_hash, secret) or row is None:
             return None
         key, name, _ = row
         return KeyInfo(key_id=key.key_id, user=name, created_time=key.created_time, revoked=False)
