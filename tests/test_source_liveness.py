@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
+import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from caspian.bus.liveness import SourceLiveness
 from tests.support.cli import cli_env
@@ -184,3 +187,96 @@ async def test_a_quiet_symbol_is_not_taken_for_a_dead_source(
         await client.close()
     finally:
         source.stop()
+
+
+async def test_a_standby_source_takes_over_from_a_killed_one(
+    nats_server: NatsServer, gateway: RunningService, tmp_path: Path
+) -> None:
+    epochs: list[str] = []
+    beating: list[str] = []
+    watcher = await nats.connect(nats_server.url)
+
+    async def on_event(msg: Msg) -> None:
+        epoch = orjson.loads(msg.data)["epoch"]
+        if not epochs or epochs[-1] != epoch:
+            epochs.append(epoch)
+
+    async def on_heartbeat(msg: Msg) -> None:
+        epoch = orjson.loads(msg.data)["epoch"]
+        if epoch not in beating:
+            beating.append(epoch)
+
+    async def started(name: str) -> tuple[SourceProcess, str]:
+        """A source process, and its epoch: the first heartbeat not heard before."""
+        process = await asyncio.to_thread(SourceProcess, tmp_path / name, nats_server.url)
+        known = len(beating)
+        for _ in range(100):
+            if len(beating) > known:
+                return process, beating[known]
+            await asyncio.sleep(0.05)
+        raise AssertionError("the source never beat")
+
+    await watcher.subscribe("caspian.md.>", cb=on_event)
+    await watcher.subscribe("caspian.heartbeat", cb=on_heartbeat)
+    first, first_epoch = await started("first")
+    second, second_epoch = await started("second")
+    try:
+        token = await asyncio.to_thread(gateway.token)
+        client = await StreamClient.open(gateway.stream_url, token)
+        await client.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        book: dict[Any, float] = {}
+        apply_level2(book, await next_state(client, "Level2", lambda m: m["payload"], 20))
+        for _ in range(20):
+            apply_level2(book, await next_state(client, "Level2", lambda m: True, 10))
+        # One instance serves the symbol; which one, the events' epoch tells.
+        assert len(epochs) == 1, epochs
+        kv = await watcher.jetstream().key_value("caspian_sources")
+        leader = (await kv.get("GEMINI")).value
+        assert leader is not None and leader.decode() == epochs[0]
+        serving, standby, standby_epoch = (
+            (first, second, second_epoch)
+            if epochs[0] == first_epoch
+            else (second, first, first_epoch)
+        )
+
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        await asyncio.to_thread(serving.kill)
+        down = await next_state(client, "Level2", lambda m: m["depthStream"] == "disconnected", 10)
+        apply_level2(book, down)
+        assert loop.time() - killed_at <= TIMEOUT_S + 1
+        whole = await next_state(
+            client, "Level2", lambda m: m["depthStream"] == "connected" and m["payload"], 15
+        )
+        took_over = loop.time() - killed_at
+        apply_level2(book, whole)
+        assert took_over <= TIMEOUT_S + 5, took_over
+        assert epochs[1:] == [standby_epoch], epochs
+        for _ in range(20):
+            apply_level2(book, await next_state(client, "Level2", lambda m: True, 10))
+        # Freeze the market, then the book must be exactly what a newcomer is given.
+        await asyncio.to_thread(standby.kill)
+        await next_state(client, "Level2", lambda m: m["depthStream"] == "disconnected", 10)
+        await drain(client, book)
+        newcomer = await StreamClient.open(gateway.stream_url, token)
+        await newcomer.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        fresh: dict[Any, float] = {}
+        apply_level2(fresh, await next_state(newcomer, "Level2", lambda m: m["payload"], 10))
+        assert book == fresh
+        assert len(epochs) == 2, epochs
+        await client.close()
+        await newcomer.close()
+    finally:
+        first.kill()
+        second.kill()
+        await watcher.close()
+
+
+async def drain(client: StreamClient, book: dict[Any, float]) -> None:
+    while True:
+        try:
+            message = await client.recv(0.5)
+        except TimeoutError:
+            return
+        if message["type"] == "Level2":
+            apply_level2(book, message)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ class NatsServer:
         self.port = free_port()
         self._extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
+        # JetStream on, as deployments run it for the source election (bus/leases.py).
+        self._store = tempfile.mkdtemp(prefix="caspian-nats-")
 
     @property
     def url(self) -> str:
@@ -41,7 +44,17 @@ class NatsServer:
 
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [_binary(), "-a", "127.0.0.1", "-p", str(self.port), *self._extra_args],
+            [
+                _binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                self._store,
+                *self._extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

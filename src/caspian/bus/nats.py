@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from caspian.bus.base import Bus
+from caspian.bus.leases import Leases
 from caspian.bus.liveness import SourceLiveness
 from caspian.bus.nats_options import redact
 from caspian.codes import Stream, StreamState
@@ -76,6 +77,11 @@ SNAPSHOT_TIMEOUT_S = 2.0
 DEFAULT_SOURCE_TIMEOUT_S = 3.0
 
 
+def exchange_of(symbol: str) -> str:
+    """The exchange code a Caspian symbol code ends with (``FX-BTC/USD=GEMINI``: GEMINI)."""
+    return symbol.rpartition("=")[2]
+
+
 def symbol_token(symbol: str) -> str:
     """A symbol as one subject token: NATS gives '.', '*' and '>' meanings."""
     return (
@@ -101,14 +107,21 @@ class _SourceSide:
         self.epoch = uuid.uuid4().hex[:12]
         self._seq: dict[str, int] = {}
         self._tracker = SymbolTracker()
-        self._leases: dict[str, tuple[frozenset[str], float]] = {}
+        #: gateway -> (the symbols it watches, until when that interest holds)
+        self._leases_of_gateways: dict[str, tuple[frozenset[str], float]] = {}
         self._watched: set[str] = set()
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscriptions: list[NatsSubscription] = []
+        #: The exchanges this instance serves, when several may (see leases.py).
+        self._leases: Leases | None = None
+        self._lease_wake = asyncio.Event()
 
     async def start(self) -> None:
+        self._leases = await Leases.open(
+            self._nc, self._prefix, ttl_s=3 * self._heartbeat_s, owner=self.epoch
+        )
         self._subscriptions = [
             await self._nc.subscribe(f"{self._prefix}.interest", cb=self._on_interest),
             await self._nc.subscribe(f"{self._prefix}.snapshot.*", cb=self._on_snapshot),
@@ -118,6 +131,8 @@ class _SourceSide:
             asyncio.create_task(self._expire(), name="caspian-nats-leases"),
             asyncio.create_task(self._beat(), name="caspian-nats-heartbeat"),
         ]
+        if self._leases is not None:
+            self._tasks.append(asyncio.create_task(self._hold(), name="caspian-nats-election"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -128,6 +143,10 @@ class _SourceSide:
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+        if self._leases is not None:
+            # Handed over at once: a standby need not wait for the leases to expire.
+            for exchange in self._leases.held:
+                await self._leases.release(exchange)
 
     def publish(self, event: Event) -> None:
         symbol = event.symbol
@@ -160,8 +179,39 @@ class _SourceSide:
                     await self._nc.publish(f"{self._prefix}.heartbeat", heartbeat)
             await asyncio.sleep(self._heartbeat_s)
 
+    def _serves(self, exchange: str) -> bool:
+        return self._leases is None or exchange in self._leases.held
+
+    def _wanted(self) -> set[str]:
+        wanted: set[str] = set()
+        for symbols, _ in self._leases_of_gateways.values():
+            wanted |= symbols
+        return wanted
+
+    async def _hold(self) -> None:
+        """Renews the leases held, takes the ones wanted and free, gives up the unwanted."""
+        leases = self._leases
+        assert leases is not None
+        while True:
+            await leases.renew()
+            exchanges = {exchange_of(symbol) for symbol in self._wanted()}
+            for exchange in exchanges - leases.held:
+                await leases.acquire(exchange)
+            for exchange in leases.held - exchanges:
+                await leases.release(exchange)
+            self._follow_interest()
+            self._lease_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_wake.wait(), self._heartbeat_s)
+
     async def _on_snapshot(self, msg: Msg) -> None:
         symbol = msg.data.decode(errors="replace")
+        exchange = exchange_of(symbol)
+        if not self._serves(exchange):
+            # The first gateway to ask need not wait for the next round of the election.
+            if self._leases is None or not await self._leases.acquire(exchange):
+                return
+            self._follow_interest()
         reply = {
             "epoch": self.epoch,
             "seq": self._seq.get(symbol, 0),
@@ -178,24 +228,25 @@ class _SourceSide:
             log.warning("ignoring a malformed interest message")
             return
         if symbols:
-            self._leases[gateway] = (symbols, time.monotonic() + self._lease_s)
+            self._leases_of_gateways[gateway] = (symbols, time.monotonic() + self._lease_s)
         else:
-            self._leases.pop(gateway, None)
+            self._leases_of_gateways.pop(gateway, None)
+        self._lease_wake.set()
         self._follow_interest()
 
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(self._lease_s / 3)
             now = time.monotonic()
-            for gateway in [g for g, (_, until) in self._leases.items() if until < now]:
+            expired = [g for g, (_, until) in self._leases_of_gateways.items() if until < now]
+            for gateway in expired:
                 log.info("interest of gateway %s expired", gateway)
-                del self._leases[gateway]
+                del self._leases_of_gateways[gateway]
             self._follow_interest()
 
     def _follow_interest(self) -> None:
-        wanted: set[str] = set()
-        for symbols, _ in self._leases.values():
-            wanted |= symbols
+        """Watches upstream the symbols some gateway wants, of the exchanges served here."""
+        wanted = {symbol for symbol in self._wanted() if self._serves(exchange_of(symbol))}
         for symbol in wanted - self._watched:
             self._watched.add(symbol)
             self._source.watch(symbol)
@@ -203,7 +254,8 @@ class _SourceSide:
             self._watched.discard(symbol)
             self._source.unwatch(symbol)
             self._tracker.forget(symbol)
-            self._seq.pop(symbol, None)
+            # The numbering goes on within the epoch: served again later, the
+            # symbol starts with a snapshot event, which a gateway applies as such.
 
 
 class _Feed:
