@@ -425,8 +425,6 @@ async def run_workers(
         raise SupervisorError(
             "with CASPIAN_SOURCE=none the gateways need a NATS bus: set CASPIAN_BUS=nats://…"
         )
-    if not own_nats and not settings.bus.startswith(("nats://", "tls://")):
-        raise SupervisorError(f"unsupported bus {settings.bus!r}: use memory or a nats:// URL")
     await prepare_store(settings)
     held = reserve_port(settings.host, settings.port)
     ingest_held = reserve_port("127.0.0.1", 0) if settings.source != "none" else None
