@@ -132,6 +132,27 @@ def test_a_gateway_without_a_source_heard_is_not_ready(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_deployments_sharing_one_nats_apart_by_prefix(tmp_path: Path) -> None:
+    server = NatsServer()
+    server.start()
+    services: list[RunningService] = []
+    try:
+        services.append(start_service(tmp_path, bus=server.url, bus_prefix="prod.caspian"))
+        same = start_service(tmp_path, bus=server.url, source="none", bus_prefix="prod.caspian")
+        services.append(same)
+        other = start_service(tmp_path, bus=server.url, source="none")
+        services.append(other)
+        assert wait_until_ready(same, 10).status_code == 200
+        # The source's heartbeats have been flowing; the default prefix hears none of them.
+        ready = get(other, "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["bus"] == "connected" and ready.json()["source"] == "not heard"
+    finally:
+        for running in services:
+            running.stop()
+        server.stop()
+
+
 def test_a_password_in_the_url_is_used_and_never_shown(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
