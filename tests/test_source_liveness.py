@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import orjson
 import pytest
@@ -252,6 +253,9 @@ async def test_a_standby_source_takes_over_from_a_killed_one(
         apply_level2(book, whole)
         assert took_over <= TIMEOUT_S + 5, took_over
         assert epochs[1:] == [standby_epoch], epochs
+        metrics = (await asyncio.to_thread(httpx.get, f"{gateway.base_url}/metrics")).text
+        assert "caspian_bus_source_changes_total 0.0" not in metrics
+        assert f'caspian_bus_source_silence_seconds{{epoch="{standby_epoch}"}}' in metrics
         for _ in range(20):
             apply_level2(book, await next_state(client, "Level2", lambda m: True, 10))
         # Freeze the market, then the book must be exactly what a newcomer is given.

@@ -79,6 +79,17 @@ MESSAGES = Counter("caspian_stream_messages_total", "Level1 and Level2 updates s
 BUS_SOURCES_HEARD = Gauge(
     "caspian_bus_sources_heard", "Source instances heard on the bus within the source timeout."
 )
+#: Seconds since each source instance (by epoch) was last heard.
+BUS_SOURCE_SILENCE = Gauge(
+    "caspian_bus_source_silence_seconds",
+    "Seconds since the last heartbeat of each source instance heard, by epoch.",
+    ["epoch"],
+)
+#: Symbol feeds that joined a source instance other than the one they followed.
+BUS_SOURCE_CHANGES = Counter(
+    "caspian_bus_source_changes_total",
+    "Symbol feeds that moved to another source instance (a failover or a restart).",
+)
 #: Feeds marked down because their source's heartbeat stopped.
 BUS_SOURCE_TIMEOUTS = Counter(
     "caspian_bus_source_timeouts_total",

@@ -58,6 +58,8 @@ from caspian.metrics import (
     BUS_RECONNECTS,
     BUS_RESYNCS,
     BUS_SNAPSHOT_REQUESTS,
+    BUS_SOURCE_CHANGES,
+    BUS_SOURCE_SILENCE,
     BUS_SOURCE_TIMEOUTS,
     BUS_SOURCES_HEARD,
 )
@@ -300,6 +302,7 @@ class NatsBus(Bus):
         self._up = asyncio.Event()
         self._connecting: asyncio.Task[None] | None = None
         self._client: Client | None = None
+        self._last_server = "no server"
         self._source_side: _SourceSide | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
         self._feeds: dict[str, _Feed] = {}
@@ -367,8 +370,11 @@ class NatsBus(Bus):
         return "reconnecting" if nc.is_reconnecting else "closed"
 
     def _server_shown(self) -> str:
+        """The server connected to, or (once the connection is lost) last connected to."""
         url = self._nc.connected_url if self._nc is not None else None
-        return redact(url.geturl()) if url is not None else "?"
+        if url is not None:
+            self._last_server = redact(url.geturl())
+        return self._last_server
 
     async def stop(self) -> None:
         if self._connecting is not None:
@@ -430,10 +436,16 @@ class NatsBus(Bus):
     async def _watch_sources(self) -> None:
         """Marks down, and joins again, every feed whose source has gone silent."""
         liveness = self._liveness
+        shown: set[str] = set()
         while True:
             await asyncio.sleep(liveness.timeout_s / 4)
             heard = liveness.sources()
             BUS_SOURCES_HEARD.set(len(heard))
+            for epoch, silence in heard.items():
+                BUS_SOURCE_SILENCE.labels(epoch).set(silence)
+            for epoch in shown - heard.keys():
+                BUS_SOURCE_SILENCE.remove(epoch)
+            shown = set(heard)
             for symbol, feed in list(self._feeds.items()):
                 if feed.live and not liveness.alive(feed.epoch, feed.joined_at):
                     log.warning(
@@ -507,6 +519,8 @@ class NatsBus(Bus):
                 continue
             self._deliver_all(events)
             self._restore(symbol, feed, events)
+            if feed.epoch is not None and feed.epoch != epoch:
+                BUS_SOURCE_CHANGES.inc()
             feed.epoch, feed.seq, feed.live = epoch, seq, True
             feed.joined_at = self._liveness.now()
             buffered, feed.buffer = feed.buffer, []
