@@ -1,8 +1,9 @@
-"""A dead source is never silent: gateways mark its symbols down within the timeout.
+"""Cluster failures as an operator meets them, each bounded in time: a source killed
+(alone, or with a standby), a gateway killed.
 
-The source runs as its own `caspian serve` process, so that it can be killed
-with SIGKILL as an operator's host would lose it; the gateway is a
-gateway-only instance fed over a real NATS server.
+What is killed runs as its own `caspian serve` process, killed with SIGKILL
+as an operator's host would lose it, over a real NATS server (with
+JetStream, for the source election).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from caspian.bus.liveness import SourceLiveness
-from tests.support.cli import cli_env
+from tests.support.cli import cli_env, ok
 from tests.support.client import Message, StreamClient, apply_level2
 from tests.support.nats import NatsServer
 from tests.support.service import RunningService, start_service
@@ -59,23 +60,22 @@ def nats_server() -> Iterator[NatsServer]:
     server.stop()
 
 
-class SourceProcess:
-    """`caspian serve` as a source publishing to NATS, in a process of its own."""
+class ServeProcess:
+    """`caspian serve` on the bus, in a process of its own (a source unless told otherwise)."""
 
-    def __init__(self, data_dir: Path, nats_url: str) -> None:
+    def __init__(self, data_dir: Path, nats_url: str, **env: str) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        env = cli_env(
-            data_dir,
-            CASPIAN_BUS=nats_url,
-            CASPIAN_PORT="0",
-            CASPIAN_MAINTENANCE="off",
-            CASPIAN_SIMULATOR_RATE="40",
-            CASPIAN_SOURCE_TIMEOUT_S=str(TIMEOUT_S),
-            CASPIAN_LOG_LEVEL="warning",
-        )
+        settings = {
+            "CASPIAN_BUS": nats_url,
+            "CASPIAN_PORT": "0",
+            "CASPIAN_MAINTENANCE": "off",
+            "CASPIAN_SIMULATOR_RATE": "40",
+            "CASPIAN_SOURCE_TIMEOUT_S": str(TIMEOUT_S),
+            "CASPIAN_LOG_LEVEL": "warning",
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "caspian", "serve"],
-            env=env,
+            env=cli_env(data_dir, **(settings | env)),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -84,6 +84,8 @@ class SourceProcess:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         assert "Caspian REST API" in line, line
+        self.rest_url = line.split()[-1]
+        self.stream_url = self.process.stdout.readline().split()[-1]
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -107,8 +109,8 @@ async def next_state(client: StreamClient, kind: str, predicate: Any, within: fl
 async def test_a_killed_source_is_shown_to_every_client_within_the_timeout(
     nats_server: NatsServer, gateway: RunningService, tmp_path: Path
 ) -> None:
-    source = await asyncio.to_thread(SourceProcess, tmp_path / "source", nats_server.url)
-    restarted: SourceProcess | None = None
+    source = await asyncio.to_thread(ServeProcess, tmp_path / "source", nats_server.url)
+    restarted: ServeProcess | None = None
     try:
         token = await asyncio.to_thread(gateway.token)
         level1 = await StreamClient.open(gateway.stream_url, token)
@@ -136,7 +138,7 @@ async def test_a_killed_source_is_shown_to_every_client_within_the_timeout(
         )
 
         # A source back: a whole top-N, the streams up again, and a book that stays whole.
-        restarted = await asyncio.to_thread(SourceProcess, tmp_path / "again", nats_server.url)
+        restarted = await asyncio.to_thread(ServeProcess, tmp_path / "again", nats_server.url)
         whole = await next_state(
             level2,
             "Level2",
@@ -207,9 +209,9 @@ async def test_a_standby_source_takes_over_from_a_killed_one(
         if epoch not in beating:
             beating.append(epoch)
 
-    async def started(name: str) -> tuple[SourceProcess, str]:
+    async def started(name: str) -> tuple[ServeProcess, str]:
         """A source process, and its epoch: the first heartbeat not heard before."""
-        process = await asyncio.to_thread(SourceProcess, tmp_path / name, nats_server.url)
+        process = await asyncio.to_thread(ServeProcess, tmp_path / name, nats_server.url)
         known = len(beating)
         for _ in range(100):
             if len(beating) > known:
@@ -284,3 +286,49 @@ async def drain(client: StreamClient, book: dict[Any, float]) -> None:
             return
         if message["type"] == "Level2":
             apply_level2(book, message)
+
+
+async def test_clients_of_a_killed_gateway_resume_on_another_with_the_same_token(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    source = start_service(tmp_path / "source", bus=nats_server.url, source_timeout_s=TIMEOUT_S)
+    shared = tmp_path / "gateways"
+    gateways: list[ServeProcess] = []
+    try:
+        # Two gateway-only instances on one store and signing key, as a cluster shares them.
+        for _ in range(2):
+            gateways.append(
+                await asyncio.to_thread(
+                    ServeProcess, shared, nats_server.url, CASPIAN_SOURCE="none"
+                )
+            )
+        first, second = gateways
+        key = orjson.loads(ok(shared, "keys", "create", "--user", "alice", "--json"))
+        login = {
+            "type": "Key",
+            "payload": {
+                "accessKeyID": key["accessKeyID"],
+                "secretAccessKey": key["secretAccessKey"],
+            },
+        }
+        response = await asyncio.to_thread(
+            httpx.post, f"{first.rest_url}/auth/authenticate", json=login, timeout=30
+        )
+        token = response.json()["accessToken"]
+        client = await StreamClient.open(first.stream_url, token)
+        await client.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        await next_state(client, "Level2", lambda m: m["payload"], 20)
+
+        await asyncio.to_thread(first.kill)
+        # The connection ends without a close frame: the client knows at once.
+        assert await client.closed_with(within=5) is None
+        again = await StreamClient.open(second.stream_url, token)
+        await again.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        whole = await next_state(again, "Level2", lambda m: len(m["payload"]) >= 20, 20)
+        assert whole["depthStream"] == "connected"
+        await next_state(again, "Level2", lambda m: m["payload"], 10)
+        await again.close()
+    finally:
+        for gateway in gateways:
+            gateway.kill()
+        source.stop()
