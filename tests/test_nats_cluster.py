@@ -8,6 +8,7 @@ A source instance and a gateway-only instance are both given the whole server li
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,14 +42,17 @@ def node_port(running: RunningService) -> int:
     return port
 
 
-async def test_kill_9_of_the_gateways_nats_node(cluster: NatsCluster, tmp_path: Path) -> None:
+async def test_kill_9_of_the_gateways_nats_node(
+    cluster: NatsCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="caspian.bus.nats")
     source = await asyncio.to_thread(start_service, tmp_path, bus=cluster.urls, simulator_rate=40.0)
     gateway: RunningService | None = None
     try:
         # One data directory: one store and signing key, so the token works on both.
         gateway = await asyncio.to_thread(start_service, tmp_path, bus=cluster.urls, source="none")
         async with asyncio.timeout(90):
-            await check_kill_9(cluster, source, gateway)
+            await check_kill_9(cluster, source, gateway, caplog)
     finally:
         if gateway is not None:
             await asyncio.to_thread(gateway.stop)
@@ -56,7 +60,10 @@ async def test_kill_9_of_the_gateways_nats_node(cluster: NatsCluster, tmp_path: 
 
 
 async def check_kill_9(
-    cluster: NatsCluster, source: RunningService, gateway: RunningService
+    cluster: NatsCluster,
+    source: RunningService,
+    gateway: RunningService,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     token = await asyncio.to_thread(gateway.token)
     level1 = await StreamClient.open(gateway.stream_url, token)
@@ -105,6 +112,8 @@ async def check_kill_9(
     # The gateway now speaks to another node; the killed one stays dead.
     assert node_port(gateway) != node.port
     assert bus_of(gateway).resyncs > reconnects_before
+    assert f"NATS: disconnected from nats://127.0.0.1:{node.port}" in caplog.text
+    assert f"NATS: reconnected to nats://127.0.0.1:{node_port(gateway)}" in caplog.text
 
     # No wrong book: stop the market, and the client's book is the source's.
     simulator = source.listening.service.source
