@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from caspian.catalog.builtin import builtin_products
 from caspian.codes import SubscriptionType
-from caspian.events import Event, to_dict
+from caspian.events import Event, StatusEvent, from_json, to_dict
 from caspian.gateway.hub import Hub
 from caspian.gateway.session import Subscription
 from caspian.service import make_source
@@ -40,7 +40,7 @@ from caspian.sources.base import EventSink
 from caspian.sources.recorder import Recorder
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import Simulator
-from caspian.timefmt import parse_us
+from caspian.timefmt import now_us, parse_us
 from tests.support.client import StreamClient, apply_level2
 from tests.support.service import RunningService, start_service
 
@@ -305,7 +305,9 @@ async def test_known_answer_after_the_whole_file_at_speed_0(tmp_path: Path) -> N
     end) gets a whole snapshot of its book, its stream states and last trade.
     """
     market = plain_replay(file_lines(SAMPLE))
-    running = start_service(tmp_path, source=f"replay:{SAMPLE}", replay_speed=0)
+    running = start_service(
+        tmp_path, source=f"replay:{SAMPLE}", replay_speed=0, replay_recorded_times=True
+    )
     watches: list[Watch] = []
     try:
         await replay_finished(running)
@@ -338,7 +340,10 @@ async def test_known_answer_while_the_file_plays(tmp_path: Path) -> None:
         and line["stream"] == "depth"
     )
     running = start_service(
-        tmp_path, source=f"replay:{SAMPLE}", replay_speed=duration_s(lines) / 6.0
+        tmp_path,
+        source=f"replay:{SAMPLE}",
+        replay_speed=duration_s(lines) / 6.0,
+        replay_recorded_times=True,
     )
     early: list[Watch] = []
     late: list[Watch] = []
@@ -478,7 +483,12 @@ async def test_a_recording_replays_as_the_original_run(tmp_path: Path) -> None:
     assert len(next(update for update in expected2 if update["payload"])["payload"]) == 20
     assert any("tradeId" in update["payload"] for update in expected1)
 
-    replayed = start_service(tmp_path / "replay", source=f"replay:{recording}", replay_speed=1)
+    replayed = start_service(
+        tmp_path / "replay",
+        source=f"replay:{recording}",
+        replay_speed=1,
+        replay_recorded_times=True,
+    )
     try:
         token = await asyncio.to_thread(replayed.token)
         client = await Listener.open(replayed, token)
@@ -492,7 +502,7 @@ async def test_a_recording_replays_as_the_original_run(tmp_path: Path) -> None:
     finally:
         replayed.stop()
 
-    source = ReplaySource(recording, speed=0)
+    source = ReplaySource(recording, speed=0, recorded_times=True)
     hub = Hub(source.watch, source.unwatch, unwatch_grace_s=0)
     product = next(p for p in builtin_products() if p.caspian_code == symbol)
     direct = HubClient()
@@ -560,7 +570,9 @@ async def test_bad_lines_are_reported_once_and_skipped(
     path, bad = with_bad_lines(tmp_path / "bad.jsonl")
     assert len(bad) == 6
     market = plain_replay(file_lines(SAMPLE))
-    running = start_service(tmp_path / "data", source=f"replay:{path}", replay_speed=0)
+    running = start_service(
+        tmp_path / "data", source=f"replay:{path}", replay_speed=0, replay_recorded_times=True
+    )
     listener: Listener | None = None
     try:
         await replay_finished(running)
@@ -603,7 +615,7 @@ async def test_looping_reports_each_bad_line_once_and_keeps_the_loop_running(
     path = tmp_path / "short.jsonl"
     # A bad line, and an unterminated last line as a crash leaves it.
     path.write_bytes(b"\n".join([*good[:5], b"{oops", *good[5:]]) + b'\n{"ts": "20')
-    source = ReplaySource(path, speed=0, loop_forever=True)
+    source = ReplaySource(path, speed=0, loop_forever=True, recorded_times=True)
     for symbol in SYMBOLS:
         source.watch(symbol)
     seen: list[Event] = []
@@ -629,7 +641,13 @@ async def test_looping_reports_each_bad_line_once_and_keeps_the_loop_running(
 
 
 async def test_a_looping_service_keeps_streaming(tmp_path: Path) -> None:
-    running = start_service(tmp_path, source=f"replay:{SAMPLE}", replay_speed=0, replay_loop=True)
+    running = start_service(
+        tmp_path,
+        source=f"replay:{SAMPLE}",
+        replay_speed=0,
+        replay_loop=True,
+        replay_recorded_times=True,
+    )
     try:
         token = await asyncio.to_thread(running.token)
         listener = await Listener.open(running, token)
@@ -655,7 +673,7 @@ async def test_a_looping_service_keeps_streaming(tmp_path: Path) -> None:
 async def test_pacing_follows_the_recorded_times() -> None:
     lines = file_lines(SAMPLE)
     speed = duration_s(lines) / 1.5
-    source = ReplaySource(SAMPLE, speed=speed)
+    source = ReplaySource(SAMPLE, speed=speed, recorded_times=True)
     for symbol in SYMBOLS:
         source.watch(symbol)
     loop = asyncio.get_running_loop()
@@ -672,7 +690,7 @@ async def test_pacing_follows_the_recorded_times() -> None:
 
 async def test_speed_0_is_as_fast_as_possible() -> None:
     lines = file_lines(SAMPLE)
-    source = ReplaySource(SAMPLE, speed=0)
+    source = ReplaySource(SAMPLE, speed=0, recorded_times=True)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await replay_to_end(source, lambda event: None)
@@ -681,7 +699,7 @@ async def test_speed_0_is_as_fast_as_possible() -> None:
 
 async def test_a_symbol_watched_mid_file_starts_from_a_whole_book() -> None:
     market = plain_replay(file_lines(SAMPLE))
-    source = ReplaySource(SAMPLE, speed=0)
+    source = ReplaySource(SAMPLE, speed=0, recorded_times=True)
     seen: list[Event] = []
     task = asyncio.create_task(source.run(seen.append))
     try:
@@ -774,3 +792,41 @@ async def test_caspian_serve_replays_the_shipped_sample(tmp_path: Path) -> None:
     finally:
         server.terminate()
         await asyncio.wait_for(server.wait(), 30)
+
+
+@pytest.mark.timeout(30)
+async def test_a_replay_stamps_delivery_time_never_backwards_and_keeps_exchange_times(
+    tmp_path: Path,
+) -> None:
+    with gzip.open(SAMPLE, "rb") as handle:
+        lines = handle.read().splitlines()[:40]
+    path = tmp_path / "short.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    recorded = [from_json(line) for line in lines]
+    source = ReplaySource(path, speed=0, loop_forever=True)
+    for symbol in {event.symbol for event in recorded}:
+        source.watch(symbol)
+    seen: list[Event] = []
+    before = now_us()
+    task = asyncio.create_task(source.run(seen.append))
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if len(seen) >= 3 * len(recorded):
+                break
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+    after = now_us()
+    assert len(seen) >= 3 * len(recorded)
+    stamps = [event.ts for event in seen]
+    # Delivery times, in order across the loops, where the recording's run days back.
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert all(event.ts > original.ts for event, original in zip(seen, recorded, strict=False))
+    # The exchange's own times are the recording's, pass after pass.
+    originals = [e.exchange_ts for e in recorded if not isinstance(e, StatusEvent)]
+    for start in range(0, 3 * len(recorded), len(recorded)):
+        one_pass = seen[start : start + len(recorded)]
+        assert [e.exchange_ts for e in one_pass if not isinstance(e, StatusEvent)] == originals

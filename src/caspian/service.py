@@ -105,7 +105,12 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
         path = settings.source.partition(":")[2]
         if not path:
             raise ValueError("name the recording: replay:PATH")
-        return ReplaySource(Path(path), settings.replay_speed, settings.replay_loop)
+        return ReplaySource(
+            Path(path),
+            settings.replay_speed,
+            settings.replay_loop,
+            settings.replay_recorded_times,
+        )
     if kind == "live":
         # Imported here: ccxt.pro takes half a second to import, and only this source needs it.
         from caspian.sources.live import LiveSource, parse_exchanges, urls_from_env

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Replay pace: 1 = recorded pace, N = N times faster, 0 = at once."
     )
     replay_loop: bool = Field(False, description="Start the replay file again at its end.")
+    replay_recorded_times: bool = Field(
+        False,
+        description="Replay: keep each event's recorded Caspian time stamp, instead of the "
+        "time it is delivered (never earlier than the one before, across loops too).",
+    )
     bus: str = Field(
         "memory",
         description="Event bus: memory, or the NATS servers of one cluster as nats:// or "

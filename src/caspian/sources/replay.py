@@ -5,6 +5,14 @@ symbol first watched in the middle of a file starts from a whole snapshot of
 that moment, never from a diff with no base. Bad lines are reported once each,
 with their line number, and skipped; a partial last line (a recording cut off
 by a crash) ends the file quietly.
+
+Time: by default each event is stamped (``ts``, which clients see as
+``caspianTimestamp`` and Level1's Caspian timestamps) with the time the replay
+delivers it, never earlier than the one before, across loops too, while the
+exchange's timestamps stay as recorded: a replay then looks to a client like
+the live feed it stands in for, and its staleness and ordering checks hold.
+``recorded_times`` keeps the recording's own ``ts`` instead, for those who
+compare a replay with its original.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from caspian.events import (
 )
 from caspian.sources.base import EventSink, Source
 from caspian.sources.tracker import SymbolTracker
+from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,13 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
 
 
 class ReplaySource(Source):
-    def __init__(self, path: Path, speed: float = 1.0, loop_forever: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        speed: float = 1.0,
+        loop_forever: bool = False,
+        recorded_times: bool = False,
+    ) -> None:
         if speed < 0:
             raise ValueError("the replay speed must be 0 (as fast as possible) or more")
         if not path.is_file():
@@ -69,6 +84,9 @@ class ReplaySource(Source):
         self.path = path
         self.speed = speed
         self.loop_forever = loop_forever
+        self.recorded_times = recorded_times
+        #: The last delivery stamp: the next is never earlier.
+        self._last_stamp = 0
         self._watched: set[str] = set()
         self._tracker = SymbolTracker()
         self._sink: EventSink | None = None
@@ -127,6 +145,9 @@ class ReplaySource(Source):
                 delay = due - time.monotonic()
                 if delay > 0.001:
                     await asyncio.sleep(delay)
+            if not self.recorded_times:
+                # After the pacing, which follows the recorded times.
+                self._last_stamp = event.ts = max(now_us(), self._last_stamp)
             handled += 1
             # Also when paced: a burst of events recorded within the same
             # millisecond must not hold the event loop either.
