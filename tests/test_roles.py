@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def test_ingest_feeds_a_gateway_and_serves_only_health_and_metrics(
     try:
         base = ingest.url("Caspian ingest")
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        # Ready once NATS is connected: the source is its own.
+        deadline = time.monotonic() + 20
+        while (ready := httpx.get(f"{base}/readyz", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        assert ready.json()["ready"] is True
         metrics = httpx.get(f"{base}/metrics", timeout=10)
         assert metrics.status_code == 200
         assert "caspian_stream_connections" in metrics.text
