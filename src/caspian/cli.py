@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
@@ -64,6 +65,11 @@ def _settings(**overrides: Any) -> Settings:
             for error in exc.errors()
         )
         raise _fail(f"invalid settings: {problems}") from None
+    except SettingsError as exc:
+        # A list setting that is not JSON: pydantic-settings names the field in
+        # its message, its cause says what is wrong with the text.
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise _fail(f"invalid settings: {exc}{cause} (give a list as JSON, e.g. [\"a\", \"b\"])") from None
     return settings
 
 

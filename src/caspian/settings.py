@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,8 @@ from caspian.auth.proxies import TrustedProxies
 from caspian.bus.nats_options import check_creds, check_prefix, parse_servers, tls_context
 from caspian.codes import SymbolType
 
+#: The log levels a setting may name.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The least ``session_stale_s``, whatever ``recheck_s``.
 SESSION_STALE_MIN_S = 60.0
 
@@ -188,6 +191,7 @@ class Settings(BaseSettings):
     )
     metrics_token: str | None = Field(
         None,
+        min_length=1,
         description="If set, GET /metrics requires 'Authorization: Bearer <token>' (401 "
         "otherwise).",
     )
@@ -221,6 +225,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="How long a symbol nobody watches any more stays upstream."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -259,6 +271,20 @@ class Settings(BaseSettings):
     @classmethod
     def _nats_creds(cls, value: Path | None) -> Path | None:
         return None if value is None else check_creds(value)
+
+    @model_validator(mode="after")
+    def _serving_tls(self) -> Settings:
+        """Both files or neither, and loadable: checked here, for one line at startup."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_cert is not None and self.tls_key is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert, self.tls_key
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load tls_cert/tls_key: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _nats_tls(self) -> Settings:
