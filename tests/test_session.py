@@ -592,3 +592,18 @@ def test_token_refreshes_past_their_rate_wait_in_order() -> None:
     actions = session.drain()
     assert [a.request_id for a in actions if isinstance(a, VerifyToken)] == ["t6", "t7"]
     assert [m["requestId"] for m in sent(actions)] == ["after"]
+
+
+def test_a_detail_after_a_full_stop_reads_as_a_sentence() -> None:
+    session = make()
+    session.receive(
+        orjson.dumps({"requestId": "t", "type": "TokenRefresh", "payload": {"accessToken": "x"}})
+    )
+    (message,) = sent(
+        session.token_checked("t", TokenCheck(TokenRefreshCode.OK, "mallory", 99, None))
+    )
+    assert message["payload"]["message"] == (
+        "Access Token is invalid. The token belongs to another user."
+    )
+    (message,) = sent(session.receive(subscribe("c", conflation="2s")))
+    assert message["payload"]["message"].startswith("Invalid subscription type: conflation")

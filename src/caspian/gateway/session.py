@@ -192,7 +192,12 @@ def _response(
 ) -> Send:
     message = messages[code]
     if detail:
-        message = f"{message}: {detail}"
+        # The original's texts end with a full stop or none: keep the sentence whole.
+        message = (
+            f"{message} {detail[0].upper()}{detail[1:]}."
+            if message.endswith(".")
+            else f"{message}: {detail}"
+        )
     return Send(encode(request_id, type_, {"code": int(code), "message": message}))
 
 
