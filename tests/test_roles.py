@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -59,7 +61,14 @@ def test_ingest_feeds_a_gateway_and_serves_only_health_and_metrics(
 ) -> None:
     created = json.loads(ok(data_dir, "keys", "create", "--user", "olga", "--json"))
     env = {"CASPIAN_BUS": nats_server.url, "CASPIAN_LOG_LEVEL": "warning"}
-    ingest = Started(data_dir, "ingest", "--port", "0", labels=("Caspian ingest",), env=env)
+    ingest = Started(
+        data_dir,
+        "ingest",
+        "--port",
+        "0",
+        labels=("Caspian ingest",),
+        env=env | {"CASPIAN_RECHECK_S": "0.2"},
+    )
     gateway: Started | None = None
     try:
         base = ingest.url("Caspian ingest")
@@ -83,6 +92,10 @@ def test_ingest_feeds_a_gateway_and_serves_only_health_and_metrics(
             timeout=10,
         )
         assert login.status_code == 404
+        # It serves no client, so it takes no place in the cluster's session registry.
+        time.sleep(1.0)
+        with closing(sqlite3.connect(data_dir / "caspian.db")) as database:
+            assert database.execute("SELECT count(*) FROM gateways").fetchone() == (0,)
 
         gateway = Started(
             data_dir,

@@ -69,7 +69,8 @@ def _settings(**overrides: Any) -> Settings:
         # A list setting that is not JSON: pydantic-settings names the field in
         # its message, its cause says what is wrong with the text.
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        raise _fail(f"invalid settings: {exc}{cause} (give a list as JSON, e.g. [\"a\", \"b\"])") from None
+        hint = '(give a list as JSON, e.g. ["a", "b"])'
+        raise _fail(f"invalid settings: {exc}{cause} {hint}") from None
     return settings
 
 

@@ -105,7 +105,7 @@ async def serve(
             raise ValueError("caspian ingest publishes to a NATS bus: set CASPIAN_BUS=nats://…")
         if settings.source == "none":
             raise ValueError("caspian ingest needs a source: CASPIAN_SOURCE must not be none")
-    service = Service(settings)
+    service = Service(settings, serves_clients=not ingest)
     sock = listen_socket(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()

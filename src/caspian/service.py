@@ -155,8 +155,11 @@ class Readiness:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, serves_clients: bool = True) -> None:
+        """``serves_clients`` False for ``caspian ingest``: no stream connections, so no
+        heartbeats, re-checks or place in the cluster's session registry."""
         self.settings = settings
+        self.serves_clients = serves_clients
         self.store = Store(settings.resolved_database_url)
         if settings.database_url is None:
             # The default store lives there; a data directory left open to others by an
@@ -284,16 +287,19 @@ class Service:
             self._tasks.append(
                 asyncio.create_task(self._run_source(self.source), name="caspian-source")
             )
-        self.gateway.start()
+        if self.serves_clients:
+            self.gateway.start()
 
     async def stop(self) -> None:
-        await self.gateway.stop()
-        try:
-            await self.store.remove_gateway(self.gateway_info.id)
-        except Exception as exc:
-            # Also after a failed start, with no schema yet: the rest of the shutdown must
-            # go on. Its sessions stay listed until another gateway purges it as stale.
-            log.warning("could not leave the session registry: %s", exc)
+        if self.serves_clients:
+            await self.gateway.stop()
+            try:
+                await self.store.remove_gateway(self.gateway_info.id)
+            except Exception as exc:
+                # Also after a failed start, with no schema yet: the rest of the shutdown
+                # must go on. Its sessions stay listed until another gateway purges it as
+                # stale.
+                log.warning("could not leave the session registry: %s", exc)
         self.hub.close()
         for task in self._tasks:
             task.cancel()
