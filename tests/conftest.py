@@ -10,9 +10,10 @@ import pytest
 
 from tests.support.postgres import postgres_server
 
-__all__ = ["data_dir", "postgres_server", "service"]
+__all__ = ["data_dir", "nats_server", "postgres_server", "service"]
 
 if TYPE_CHECKING:
+    from tests.support.nats import NatsServer
     from tests.support.service import RunningService
 
 
@@ -40,3 +41,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A real NATS server (with JetStream), started for the test and stopped after it."""
+    from tests.support.nats import NatsServer
+
+    server = NatsServer()
+    server.start()
+    yield server
+    server.stop()

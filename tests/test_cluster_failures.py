@@ -29,6 +29,7 @@ from tests.support.cli import cli_env, ok
 from tests.support.client import Message, StreamClient, apply_level2
 from tests.support.nats import NatsServer
 from tests.support.service import RunningService, start_service
+from tests.test_nats import drain
 
 SYMBOL = "FX-BTC/USD=GEMINI"
 TIMEOUT_S = 1.0
@@ -50,14 +51,6 @@ def test_liveness_counts_from_the_join_and_forgets_old_epochs() -> None:
     now[0] = 100.0
     liveness.heard("c")
     assert liveness.sources() == {"c": 0.0}
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 class ServeProcess:
@@ -276,16 +269,6 @@ async def test_a_standby_source_takes_over_from_a_killed_one(
         first.kill()
         second.kill()
         await watcher.close()
-
-
-async def drain(client: StreamClient, book: dict[Any, float]) -> None:
-    while True:
-        try:
-            message = await client.recv(0.5)
-        except TimeoutError:
-            return
-        if message["type"] == "Level2":
-            apply_level2(book, message)
 
 
 async def test_clients_of_a_killed_gateway_resume_on_another_with_the_same_token(

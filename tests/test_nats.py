@@ -23,14 +23,6 @@ SYMBOL = "FX-BTC/USD=GEMINI"
 
 
 @pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def cluster(
     nats_server: NatsServer, tmp_path: Path
 ) -> Iterator[tuple[RunningService, RunningService]]:

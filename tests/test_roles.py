@@ -6,7 +6,6 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -25,14 +24,6 @@ SYMBOL = "FX-BTC/USD=GEMINI"
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_ingest_needs_a_nats_bus_and_a_source(data_dir: Path) -> None:

