@@ -715,3 +715,23 @@ async def test_stream_metrics(service: RunningService) -> None:
     after = await scrape()
     assert _metric(after, 'caspian_stream_closes_total{code="3000"}') == closed_before + 1
     await c.close()
+
+
+async def test_the_first_message_of_a_cold_subscription_reports_no_false_outage(
+    service: RunningService,
+) -> None:
+    c = await client(service)
+    # Symbols nobody watched yet: the simulator starts them at once.
+    symbols = [p.caspian_code for p in list(service.listening.service.catalog)[40:44]]
+
+    async def first_update(symbol: str, type_: str) -> dict[str, Any]:
+        request_id = await c.subscribe(symbol, type_)
+        return await c.wait_for(lambda m: m.get("requestId") == request_id)
+
+    for symbol in symbols[:2]:
+        first = await first_update(symbol, "Level1")
+        assert first["bboStream"] == first["tradeStream"] == "connected", first
+    for symbol in symbols[2:]:
+        first = await first_update(symbol, "Level2")
+        assert first["depthStream"] == "connected" and first["payload"], first
+    await c.close()

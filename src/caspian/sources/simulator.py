@@ -552,6 +552,8 @@ class Simulator(Source):
             self._outage_probability = outage_probability
         self._symbols: dict[str, SymbolSimulator] = {}
         self._pending: dict[str, SymbolSimulator] = {}
+        #: Set while running: a symbol watched then starts at once.
+        self._sink: EventSink | None = None
         self._phases: list[dict[str, SymbolSimulator]] = [{} for _ in range(_PHASES)]
         self._waiter: asyncio.Future[None] | None = None
 
@@ -571,7 +573,12 @@ class Simulator(Source):
             log.warning("not simulating %s: its product is not usable", symbol, exc_info=True)
             return
         self._symbols[symbol] = sim
-        self._pending[symbol] = sim
+        if self._sink is not None:
+            # Started at once, so that a new subscriber's first message already
+            # holds the symbol's state: it says connected, as nothing is down.
+            self._start(symbol, sim, now_us(), self._sink)
+        else:
+            self._pending[symbol] = sim
         _release(self._waiter)
 
     def unwatch(self, symbol: str) -> None:
@@ -581,6 +588,7 @@ class Simulator(Source):
         self._phases[zlib.crc32(symbol.encode()) % _PHASES].pop(symbol, None)
 
     async def run(self, sink: EventSink) -> None:
+        self._sink = sink
         loop = asyncio.get_running_loop()
         interval = 1.0 / (self._rate * _PHASES)
         due = loop.time()
@@ -617,10 +625,12 @@ class Simulator(Source):
         ts = now_us()
         pending, self._pending = self._pending, {}
         for symbol, sim in pending.items():
-            if self._symbols.get(symbol) is not sim:
-                continue
-            self._phases[zlib.crc32(symbol.encode()) % _PHASES][symbol] = sim
-            _deliver(sim.start(ts), sink)
+            if self._symbols.get(symbol) is sim:
+                self._start(symbol, sim, ts, sink)
+
+    def _start(self, symbol: str, sim: SymbolSimulator, ts: int, sink: EventSink) -> None:
+        self._phases[zlib.crc32(symbol.encode()) % _PHASES][symbol] = sim
+        _deliver(sim.start(ts), sink)
 
     def _tick(self, phase: dict[str, SymbolSimulator], sink: EventSink) -> None:
         ts = now_us()
