@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import send_floor
 from loadgen import (
@@ -96,14 +97,19 @@ class Step:
         )
 
 
+def subscriptions(symbols: str) -> list[dict[str, Any]]:
+    """Level1 and Level2 (20 levels, no conflation) of each of the comma-separated symbols."""
+    return [
+        {"symbol": symbol, "type": kind, "numberOfLevels": 20, "conflation": "None"}
+        for symbol in symbols.split(",")
+        for kind in ("Level1", "Level2")
+    ]
+
+
 class Bench(BenchSetup):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args, "fanout", args.symbols.split(","))
-        self.subscriptions = [
-            {"symbol": symbol, "type": kind, "numberOfLevels": 20, "conflation": "None"}
-            for symbol in args.symbols.split(",")
-            for kind in ("Level1", "Level2")
-        ]
+        self.subscriptions = subscriptions(args.symbols)
 
     def measure(
         self,
@@ -476,21 +482,26 @@ def run(args: argparse.Namespace) -> None:
         bench.close()
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the clients, the windows and the placement, shared with bench_nats.py."""
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2, help="client worker processes")
     parser.add_argument("--symbols", default=SYMBOLS, help="comma-separated Caspian codes")
-    parser.add_argument("--start-rate", type=float, default=2.0, help="first simulator rate")
-    parser.add_argument("--max-rate", type=float, default=512.0, help="highest simulator rate")
     parser.add_argument("--window", type=float, default=6.0, help="seconds measured per step")
-    parser.add_argument(
-        "--latency-window", type=float, default=15.0, help="seconds measured at half load"
-    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
     parser.add_argument("--no-pin", action="store_true", help="let the OS place the processes")
     parser.add_argument(
         "--nice", type=int, default=0, help="nice value of server and clients (<0 needs root)"
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(parser)
+    parser.add_argument("--start-rate", type=float, default=2.0, help="first simulator rate")
+    parser.add_argument("--max-rate", type=float, default=512.0, help="highest simulator rate")
+    parser.add_argument(
+        "--latency-window", type=float, default=15.0, help="seconds measured at half load"
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy our server at half load (needs py-spy)"

@@ -38,7 +38,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -127,6 +127,14 @@ def machine() -> str:
 # -- servers under test --------------------------------------------------------
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, every thread included."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name may hold spaces; the fields after it do not.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 @dataclass
 class Server:
     """A server subprocess, its stream URL and its ``/proc`` figures."""
@@ -142,10 +150,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server process, every thread included."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            # The command name may hold spaces; the fields after it do not.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return process_cpu_seconds(self.pid)
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS from ``status`` and Rss/Pss from ``smaps_rollup``, in KiB."""
@@ -171,7 +176,7 @@ class Server:
                 self.process.wait()
 
 
-def _wait_for_line(process: subprocess.Popen[bytes], out: Path, prefix: str, name: str) -> str:
+def wait_for_line(process: subprocess.Popen[bytes], out: Path, prefix: str, name: str) -> str:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         text = out.read_text() if out.exists() else ""
@@ -208,7 +213,7 @@ def caspian_env(data_dir: Path, rate: float) -> dict[str, str]:
     return env
 
 
-def _launch(
+def launch(
     command: list[str], run: Path, placement: Placement, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     with open(run / "stdout", "wb") as stdout, open(run / "stderr", "wb") as stderr:
@@ -223,14 +228,24 @@ def _launch(
         )
 
 
-def start_caspian(data_dir: Path, rate: float, placement: Placement) -> Server:
-    """``caspian serve`` with the simulator as source, on a free port."""
-    run = Path(tempfile.mkdtemp(prefix="serve-", dir=data_dir))
+def start_caspian(
+    data_dir: Path,
+    rate: float,
+    placement: Placement,
+    role: str = "serve",
+    extra_env: Mapping[str, str] | None = None,
+) -> Server:
+    """``caspian serve`` with the simulator as source, on a free port.
+
+    ``role`` may also be ``gateway`` (clients fed by the bus ``extra_env`` names).
+    """
+    run = Path(tempfile.mkdtemp(prefix=f"{role}-", dir=data_dir))
     out = run / "stdout"
-    process = _launch([*caspian_command(), "serve"], run, placement, caspian_env(data_dir, rate))
-    rest = _wait_for_line(process, out, "Caspian REST API:", "caspian serve")
-    stream = _wait_for_line(process, out, "Caspian stream:", "caspian serve")
-    return Server("caspian", process, stream, rest)
+    env = caspian_env(data_dir, rate) | dict(extra_env or {})
+    process = launch([*caspian_command(), role], run, placement, env)
+    rest = wait_for_line(process, out, "Caspian REST API:", f"caspian {role}")
+    stream = wait_for_line(process, out, "Caspian stream:", f"caspian {role}")
+    return Server("caspian" if role == "serve" else role, process, stream, rest)
 
 
 @dataclass(frozen=True)
@@ -255,8 +270,8 @@ def start_naive(
     args += ["--seed", str(seed)]
     for product in products:
         args += ["--product", product.symbol, product.tick, product.lot]
-    process = _launch(args, run, placement)
-    stream = _wait_for_line(process, out, "naive stream:", "naive server")
+    process = launch(args, run, placement)
+    stream = wait_for_line(process, out, "naive stream:", "naive server")
     return Server("naive", process, stream, None)
 
 
