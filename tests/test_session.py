@@ -607,3 +607,16 @@ def test_a_detail_after_a_full_stop_reads_as_a_sentence() -> None:
     )
     (message,) = sent(session.receive(subscribe("c", conflation="2s")))
     assert message["payload"]["message"].startswith("Invalid subscription type: conflation")
+
+
+def test_a_symbol_no_source_here_serves_is_202_saying_why() -> None:
+    def unserved(symbol: str, symbol_type: SymbolType) -> ProductSpec | str | None:
+        found = resolve(symbol, symbol_type)
+        return "GEMINI is not streamed live here" if found is GEMINI else found
+
+    session = opened(Session(limits(), unserved, lambda: 0.0), ALICE)
+    (message,) = sent(session.receive(subscribe("g")))
+    assert message["payload"]["code"] == 202
+    assert message["payload"]["message"].endswith(": GEMINI is not streamed live here")
+    assert not session.subscriptions
+    assert code_of(session.receive(subscribe("b", symbol=BITMEX.caspian_code))) == 200

@@ -7,6 +7,7 @@ import itertools
 import re
 import socket
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from tests.support.client import StreamClient, apply_level2
 from tests.support.service import RunningService, start_service
 
 SYMBOL = "FX-BTC/USD=GEMINI"
+SAMPLE = files("caspian.sources").joinpath("data", "sample.jsonl.gz")
 OTHER = "FX-ETH/USD=GEMINI"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 
@@ -520,6 +522,7 @@ async def test_slow_client_is_closed_3007_and_others_continue(
         # A healthy client on the same symbols keeps getting updates meanwhile.
         healthy = await StreamClient.open(running.stream_url, token)
         await healthy.subscribe(symbols[0], "Level2", conflation="None")
+
         def slow_one_closing() -> bool:
             return any(connection._closing for connection in connections(running))
 
@@ -567,8 +570,7 @@ async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> No
 
         def held_back() -> bool:
             return any(
-                connection._paused and connection._backlog
-                for connection in connections(running)
+                connection._paused and connection._backlog for connection in connections(running)
             )
 
         for _ in range(600):
@@ -735,3 +737,28 @@ async def test_the_first_message_of_a_cold_subscription_reports_no_false_outage(
         first = await first_update(symbol, "Level2")
         assert first["depthStream"] == "connected" and first["payload"], first
     await c.close()
+
+
+@pytest.mark.parametrize(
+    ("source", "served", "unserved", "why"),
+    [
+        ("live:GDAX", None, "FX-BTC/USD=GEMINI", "GEMINI is not streamed live here"),
+        (f"replay:{SAMPLE}", SYMBOL, "FX-BTC/USDT=BINANCE", "has no events of FX-BTC/USDT="),
+    ],
+    ids=["live", "replay"],
+)
+async def test_a_subscribe_no_source_will_serve_is_202_saying_why(
+    tmp_path: Path, source: str, served: str | None, unserved: str, why: str
+) -> None:
+    running = start_service(tmp_path, source=source)
+    try:
+        c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+        request_id = await c.send("Subscribe", {"symbol": unserved, "type": "Level1"})
+        response = await c.response(request_id)
+        assert response["payload"]["code"] == 202
+        assert why in response["payload"]["message"]
+        if served is not None:
+            await c.subscribe(served, "Level1")
+        await c.close()
+    finally:
+        running.stop()

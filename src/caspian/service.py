@@ -217,8 +217,11 @@ class Service:
     def get(self, caspian_code: str) -> ProductSpec | None:
         return self.catalog.get(caspian_code)
 
-    def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | None:
-        return self.catalog.resolve(symbol, symbol_type)
+    def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | str | None:
+        product = self.catalog.resolve(symbol, symbol_type)
+        if product is None or self.source is None:
+            return product
+        return self.source.unserved(product.caspian_code) or product
 
     async def _sync_sessions(self, opened: list[SessionInfo], closed: list[str]) -> GatewaySync:
         return await self.store.sync_gateway(

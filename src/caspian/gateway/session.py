@@ -76,7 +76,9 @@ class _Later(Exception):
         super().__init__(delay)
         self.delay = delay
 
-Resolver = Callable[[str, SymbolType], ProductSpec | None]
+#: The product a symbol names; a string when the catalog has it but no source
+#: here will ever serve it (why), None when there is no such product.
+Resolver = Callable[[str, SymbolType], ProductSpec | str | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -449,6 +451,8 @@ class Session:
         product = self._resolve(symbol, symbol_type) if isinstance(symbol, str) and symbol else None
         if product is None:
             return [_subscribe_response(request_id, SubscribeCode.INVALID_SYMBOL)]
+        if isinstance(product, str):
+            return [_subscribe_response(request_id, SubscribeCode.INVALID_SYMBOL, product)]
         if self.exchanges is not None and product.exchange not in self.exchanges:
             return [_subscribe_response(request_id, SubscribeCode.NOT_AUTHORIZED)]
         stream = (product.caspian_code, sub_type)

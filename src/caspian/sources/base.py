@@ -26,3 +26,11 @@ class Source(ABC):
 
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
+
+    def unserved(self, symbol: str) -> str | None:
+        """Why this source will never have events of ``symbol``; None when it may.
+
+        A Subscribe to such a symbol is refused with the reason, rather than
+        answered 200 and left ``disconnected`` for ever.
+        """
+        return None

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from io import BufferedIOBase
 from pathlib import Path
 
+import orjson
+
 from caspian.events import (
     EventFormatError,
     from_json,
@@ -69,6 +71,18 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
             yield number, pending, not pending.endswith(b"\n")
 
 
+def _symbols_in(path: Path) -> set[str]:
+    symbols: set[str] = set()
+    for _, line, _ in read_lines(path):
+        try:
+            symbol = orjson.loads(line).get("symbol")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue  # reported when it is replayed
+        if isinstance(symbol, str):
+            symbols.add(symbol)
+    return symbols
+
+
 class ReplaySource(Source):
     def __init__(
         self,
@@ -88,6 +102,8 @@ class ReplaySource(Source):
         #: The last delivery stamp: the next is never earlier.
         self._last_stamp = 0
         self._watched: set[str] = set()
+        #: The symbols the recording has events of, read once through at start.
+        self.symbols = frozenset(_symbols_in(path))
         self._tracker = SymbolTracker()
         self._sink: EventSink | None = None
         self.bad_lines = 0
@@ -104,6 +120,11 @@ class ReplaySource(Source):
 
     def unwatch(self, symbol: str) -> None:
         self._watched.discard(symbol)
+
+    def unserved(self, symbol: str) -> str | None:
+        if symbol in self.symbols:
+            return None
+        return f"the recording {self.path.name} has no events of {symbol}"
 
     async def run(self, sink: EventSink) -> None:
         self._sink = sink

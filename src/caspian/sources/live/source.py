@@ -65,6 +65,7 @@ class LiveSource(Source):
         seed: int | None = None,
     ) -> None:
         self.exchanges = parse_exchanges(",".join(exchanges))
+        self._streamed = ",".join(self.exchanges)
         if min(depth, stall_timeout_s, backoff_initial_s, max_lag_s) <= 0:
             raise ValueError(
                 "depth, stall_timeout_s, max_lag_s and backoff_initial_s must be positive"
@@ -101,6 +102,12 @@ class LiveSource(Source):
         self._watched[symbol] = spec
         if self._sink is not None:
             self._start(spec, self._sink)
+
+    def unserved(self, symbol: str) -> str | None:
+        exchange = symbol.rpartition("=")[2]
+        if exchange in self.exchanges:
+            return None
+        return f"{exchange} is not streamed live here (this service streams {self._streamed})"
 
     def unwatch(self, symbol: str) -> None:
         spec = self._watched.pop(symbol, None)
