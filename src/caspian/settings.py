@@ -35,8 +35,8 @@ class Settings(BaseSettings):
         # The user's data directory, not the current one: the server and every CLI
         # command find the same store wherever they are started.
         default_factory=lambda: Path(platformdirs.user_data_dir("caspian", appauthor=False)),
-        description="Where the SQLite file, recordings and a generated signing key live "
-        "(created mode 700).",
+        description="Where the SQLite file and a generated signing key live (created mode "
+        "700); recordings go where 'caspian record --out' says.",
     )
     tls_cert: Path | None = Field(
         None, description="TLS certificate (PEM); with tls_key, serves https:// and wss://."
@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     )
     source: str = Field(
         "simulator",
-        description="Market data source: simulator, replay:PATH or live:EXCHANGE,...",
+        description="Market data source: simulator, replay:PATH, live:EXCHANGE,... or none "
+        "(a gateway fed over NATS by another instance).",
     )
     replay_speed: float = Field(
         1.0, ge=0, description="Replay pace: 1 = recorded pace, N = N times faster, 0 = at once."
@@ -141,7 +142,8 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For "
-        "names the client, comma-separated; from any other peer the header is ignored.",
+        "names the client (and X-Forwarded-Proto the scheme), comma-separated; from any "
+        "other peer these headers are ignored.",
     )
     max_connections: int = Field(
         0,
