@@ -50,7 +50,7 @@ SOURCE_RESTART_MAX_S = 30.0
 #: How often objects that survived are moved out of the collector's sight, and
 #: how often that is undone for one full collection (see ``_manage_gc``).
 GC_FREEZE_S = 5.0
-GC_FULL_S = 600.0
+GC_FULL_S = 60.0
 #: How often the catalog is re-read, so products imported while running can be streamed.
 CATALOG_REFRESH_S = 15.0
 #: How long a readiness check waits for the store to answer.
@@ -349,9 +349,13 @@ class Service:
         With a thousand connections the collector's full passes walk hundreds
         of thousands of long-lived objects and stop the loop for 30 to 130 ms.
         Frozen objects are skipped, so freezing every few seconds leaves the
-        full passes only what is new. Cyclic garbage among frozen objects would
-        never be freed, so every ``GC_FULL_S`` the freeze is undone for one
-        full collection: one pause every ten minutes instead of every few seconds.
+        full passes only what is new. What is new is collected before it is
+        frozen, a pass over a few seconds' objects only: frozen cyclic garbage
+        is never freed, and under a flood of refused connections and failed
+        requests (exceptions and their tracebacks are cycles) it held tens of
+        MB. Garbage that was alive when frozen (a closed connection's cycles)
+        waits for the full collection every ``GC_FULL_S``, the freeze undone:
+        one long pause a minute instead of every few seconds.
         """
         gc.collect()
         gc.freeze()
@@ -362,7 +366,7 @@ class Service:
             if since_full >= GC_FULL_S:
                 since_full = 0.0
                 gc.unfreeze()
-                gc.collect()
+            gc.collect()
             gc.freeze()
 
     async def _refresh_catalog(self) -> None:
