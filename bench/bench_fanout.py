@@ -124,7 +124,7 @@ class Bench(BenchSetup):
         try:
             self.open(server, self.args.connections, self.subscriptions, PROBE_EVERY)
             time.sleep(self.args.warmup)
-            spy = _start_profile(server, window_s, profile) if profile else None
+            spy = start_profile(server, window_s, profile) if profile else None
             cpu_before = server.cpu_seconds()
             busy_before = busy_cpu_seconds()
             core_before = busy_cpu_seconds(server_cpus or ())
@@ -163,7 +163,7 @@ class Bench(BenchSetup):
         return step
 
 
-def _start_profile(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+def start_profile(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     """py-spy on the server for the window: collapsed stacks, one line per stack."""
     command = ["py-spy", "record", "--pid", str(server.pid), "--duration", str(round(seconds))]
     command += ["--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"]
@@ -173,7 +173,7 @@ def _start_profile(server: Server, seconds: float, out: Path) -> subprocess.Pope
 _LINE_NUMBER = re.compile(r":\d+\)")
 
 
-def print_profile(path: Path, top: int = 12) -> None:
+def print_profile(path: Path, top: int = 12, what: str = "the server at half load") -> None:
     own: Counter[str] = Counter()
     within: Counter[str] = Counter()
     total = 0
@@ -186,7 +186,7 @@ def print_profile(path: Path, top: int = 12) -> None:
         own[frames[-1]] += samples
         for frame in set(frames):
             within[frame] += samples
-    print(f"\npy-spy profile of the server at half load ({total} samples):")
+    print(f"\npy-spy profile of {what} ({total} samples):")
     print("self time:")
     for frame, samples in own.most_common(top):
         print(f"  {samples / total:6.1%}  {frame}")

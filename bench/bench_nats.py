@@ -51,7 +51,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_fanout import LATENCY_SAMPLING, PROBE_EVERY, add_load_arguments, subscriptions
+from bench_fanout import (
+    LATENCY_SAMPLING,
+    PROBE_EVERY,
+    add_load_arguments,
+    print_profile,
+    start_profile,
+    subscriptions,
+)
 from caspian.bus.nats import DEFAULT_PREFIX
 from caspian.supervisor import free_loopback_port, nats_server_binary
 from loadgen import (
@@ -251,8 +258,13 @@ class Result:
 
 
 def measure(
-    bench: Bench, start: Callable[[float], Deployment], rate: float, connections: int
+    bench: Bench,
+    start: Callable[[float], Deployment],
+    rate: float,
+    connections: int,
+    profile: Path | None = None,
 ) -> Result:
+    """One window of ``start``'s deployment; ``profile``: py-spy its ingest meanwhile."""
     args = bench.args
     deployment = start(rate)
     try:
@@ -269,6 +281,11 @@ def measure(
         busy_before = busy_cpu_seconds()
         core_before = busy_cpu_seconds(server_cpus or ())
         began = time.monotonic()
+        spy = (
+            start_profile(deployment.ingest, args.window, profile)
+            if profile and deployment.ingest
+            else None
+        )
         bench.pool.start(LATENCY_SAMPLING)
         time.sleep(args.window)
         window = bench.pool.stop()
@@ -280,6 +297,8 @@ def measure(
         busy = busy_cpu_seconds() - busy_before
         core = busy_cpu_seconds(server_cpus or ()) - core_before
         elapsed = time.monotonic() - began
+        if spy is not None:
+            spy.wait()
         bench.pool.close_connections()
     finally:
         deployment.stop()
@@ -358,9 +377,9 @@ def _table(results: Sequence[Result]) -> None:
     print(
         "| rate | deployment | conns | msg/s | events/s | gateway CPU | gateway µs/msg "
         "| ingest CPU | NATS CPU | all µs/msg | arrival p50 / p99 (ms) | read p50 / p99 (ms) "
-        "| core | clients |"
+        "| core | clients | others |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for result in results:
         gateways = " + ".join(f"{cpu:.0%}" for cpu in result.gateway_cpu)
         print(
@@ -374,7 +393,7 @@ def _table(results: Sequence[Result]) -> None:
             + f" | {result.server_side_cpu * 1e6 / max(1.0, result.delivered_per_s):.2f} | "
             f"{_ms(result, 'arrival')} | {_ms(result, 'read')} | "
             + (f"{result.server_core:.0%}" if result.server_core is not None else "")
-            + f" | {result.client_cpu:.0%} |"
+            + f" | {result.client_cpu:.0%} | {result.others:.2f} |"
         )
 
 
@@ -441,11 +460,19 @@ def report(
     gateway = GatewayCost.fit(one, events["nats-1"])
     bus = BusCost.fit(events["nats-1"], events["nats-2"])
     memory_events = events[IN_PROCESS]
-    # The in-process run publishes nothing countable: same seed and rate, same market.
-    market_events = events["nats-1"].published_per_s or 1.0
+    # The in-process run publishes nothing to count. Its clients are nats-1's, so its events
+    # are its messages at nats-1's messages per event (a loaded simulator drops ticks: the
+    # two markets' rates differ).
+    nats_events = events["nats-1"]
+    market_events = (
+        memory_events.delivered_per_s
+        * (nats_events.published_per_s or 0.0)
+        / max(1.0, nats_events.delivered_per_s)
+    ) or 1.0
     print()
     print(
-        f"per event ({market_events:,.0f} events/s at {args.event_rate:g}/s): ingest "
+        f"per event ({nats_events.published_per_s or 0.0:,.0f} events/s at "
+        f"{args.event_rate:g}/s; in-process about {market_events:,.0f}): ingest "
         f"{bus.ingest_us:.1f} µs; NATS server {bus.nats_in_us:.1f} µs in + "
         f"{bus.nats_copy_us:.1f} µs per gateway it goes to; in-process serve with "
         f"{memory_events.connections} clients "
@@ -524,11 +551,20 @@ def run(args: argparse.Namespace) -> None:
                 name: measure(bench, start, rate, args.connections)
                 for name, start in starts.items()
             }
+        profile = bench.work / "profile.txt" if args.profile else None
         events = {
-            name: measure(bench, start, args.event_rate, args.event_connections)
+            name: measure(
+                bench,
+                start,
+                args.event_rate,
+                args.event_connections,
+                profile if name == "nats-1" else None,
+            )
             for name, start in starts.items()
         }
         report(bench, fanout, events, commit)
+        if profile is not None:
+            print_profile(profile, what=f"the ingest at {args.event_rate:g}/s (nats-1)")
     finally:
         bench.close()
 
@@ -561,6 +597,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=15, help="gateways in the estimate")
     parser.add_argument("--cores", type=int, default=16, help="cores in the estimate")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the ingest in the events phase"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="200 connections, one rate, 3 s windows"
     )
