@@ -15,18 +15,24 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import typer
 
+from caspian import cli
 from caspian.catalog.ccxt_markets import products_from_ccxt
 from caspian.catalog.importer import fetch_ccxt_markets
-from caspian.store import Store
+from caspian.settings import Settings
+from caspian.store import GatewayInfo, SessionInfo, Store
 from tests.support.cli import caspian, cli_env, fails, ok
+from tests.support.running import Started
 from tests.support.service import start_service
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "caspian"
@@ -347,7 +353,7 @@ def test_import_refuses_bad_input(data_dir: Path, tmp_path: Path) -> None:
     for args, expected in cases:
         assert expected in fails(data_dir, "products", "import", *args), args
     # Each was refused before the store was touched.
-    assert products(data_dir) == {}
+    assert not (data_dir / "caspian.db").exists()
 
 
 def test_invalid_database_urls_are_one_line(data_dir: Path) -> None:
@@ -555,3 +561,275 @@ def test_serve_on_a_taken_port_says_which(data_dir: Path) -> None:
         port = taken.getsockname()[1]
         line = fails(data_dir, "serve", "--port", str(port), timeout=30)
     assert f"cannot listen on 127.0.0.1:{port}" in line
+
+
+# -- what a new user sees: version, help, banner, the store in use ---------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    assert ok(tmp_path / "data", "--version").strip() == f"caspian {version('caspian')}"
+
+
+def _model_default(name: str) -> str | None:
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if default is None:
+        return None
+    # As the variable takes it: true, ["Caspian", "Pseudo", "Native"].
+    return json.dumps(default) if isinstance(default, bool | list) else str(default)
+
+
+def _unspaced(text: str) -> str:
+    # Help is wrapped to the terminal, at spaces and after hyphens ("00:15-" / "00:16").
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("command", [(), ("serve",), ("ingest",), ("gateway",), ("record",)])
+def test_help_shows_each_flag_s_default_from_the_settings_model(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    click_command = typer.main.get_command(cli.app)
+    for name in command:
+        assert isinstance(click_command, typer.core.TyperGroup)
+        click_command = click_command.commands[name]
+    flags = [param.name for param in click_command.params if param.name in Settings.model_fields]
+    assert flags, "no flag of this command is a setting"
+    shown = _unspaced(ok(tmp_path / "data", *command, "--help", COLUMNS="60"))
+    for name in flags:
+        assert name is not None
+        flag = f"--{name.replace('_', '-')}<"
+        assert flag in shown, name
+        after = shown[shown.index(flag) :]
+        described = after[after.index("[envvar:") : after.index("]") + 1]
+        default = _model_default(name)
+        assert described == _unspaced(
+            f"[env var: CASPIAN_{name.upper()}"
+            + ("" if default is None else f"; default: {default}")
+            + "]"
+        ), name
+
+
+@pytest.mark.parametrize("command", ["serve", "ingest", "gateway"])
+def test_help_lists_every_setting_with_its_default(tmp_path: Path, command: str) -> None:
+    text = ok(tmp_path / "data", command, "--help", COLUMNS="60")
+    entries = {
+        _unspaced(paragraph).split(":", 1)[0]: _unspaced(paragraph)
+        for paragraph in text.split("\n\n")
+        if paragraph.strip().startswith("CASPIAN_")
+    }
+    for name, field in Settings.model_fields.items():
+        entry = entries[f"CASPIAN_{name.upper()}"]
+        assert _unspaced(str(field.description)) in entry
+        default = _model_default(name)
+        if default is not None:
+            assert entry.endswith(_unspaced(f"[default: {default}]")), entry
+    # Read by the live source, not the model, and documented all the same.
+    assert "CASPIAN_LIVE_URLS" in entries
+    assert "none" in entries["CASPIAN_SOURCE"]
+
+
+BANNER = (
+    "Caspian REST API",
+    "Caspian stream",
+    "Caspian version",
+    "Caspian store",
+    "Caspian data dir",
+    "Caspian source",
+    "Caspian bus",
+)
+
+
+def test_serve_banner_says_what_it_runs_with_and_that_the_store_is_new(data_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        nats_port = closed.getsockname()[1]
+    # The bus connects in the background: the banner is printed while NATS is down.
+    env = {
+        "CASPIAN_LOG_LEVEL": "warning",
+        "CASPIAN_BUS": f"nats://caspian:s3cret-pass@127.0.0.1:{nats_port}",
+    }
+    first = Started(data_dir, "serve", "--port", "0", labels=BANNER, env=env)
+    try:
+        # Scripts read the addresses first, by label: they stay the first two lines.
+        assert list(first.printed)[:2] == ["Caspian REST API", "Caspian stream"]
+        assert first.printed["Caspian version"] == version("caspian")
+        assert first.printed["Caspian store"] == (
+            f"sqlite+aiosqlite:///{data_dir.resolve() / 'caspian.db'}"
+        )
+        assert first.printed["Caspian data dir"] == str(data_dir.resolve())
+        assert first.printed["Caspian source"] == "simulator"
+        assert first.printed["Caspian bus"] == f"nats://caspian:***@127.0.0.1:{nats_port}"
+    finally:
+        code, _ = first.stop()
+    assert code == 0, first.stderr
+    assert "s3cret-pass" not in first.stderr
+    notes = [line for line in first.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: a new, empty store (no users, no keys) was created in the data directory "
+        f"{data_dir.resolve()}; if you meant another, give CASPIAN_DATA_DIR or --data-dir"
+    ]
+
+    again = Started(data_dir, "serve", "--port", "0", labels=BANNER, env=env)
+    again.stop()
+    assert "note: " not in again.stderr
+
+
+def test_banner_hides_the_store_s_and_the_bus_s_passwords(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = Settings(
+        database_url="postgresql+asyncpg://caspian:db-pass@db.example:5432/caspian",
+        bus="nats://caspian:bus-pass@a.example:4222,tls://bus-token@b.example:4222",
+    )
+    cli._print_setup(settings)
+    printed = capsys.readouterr().out
+    assert "db-pass" not in printed and "bus-pass" not in printed and "bus-token" not in printed
+    lines = dict(line.split(": ", 1) for line in printed.splitlines())
+    assert (
+        lines["Caspian store"].strip() == "postgresql+asyncpg://caspian:***@db.example:5432/caspian"
+    )
+    assert (
+        lines["Caspian bus"].strip() == "nats://caspian:***@a.example:4222,tls://***@b.example:4222"
+    )
+
+
+def test_a_command_on_a_new_store_says_so(data_dir: Path) -> None:
+    notice = (
+        "note: a new, empty store (no users, no keys) was created in the data directory "
+        f"{data_dir.resolve()}; if you meant another, give CASPIAN_DATA_DIR or --data-dir"
+    )
+    created = caspian(data_dir, "keys", "create", "--user", "bob", "--json")
+    assert created.returncode == 0, created.stderr
+    assert created.stderr.strip() == notice
+    # The store is there now: no notice any more.
+    listed = caspian(data_dir, "keys", "list")
+    assert listed.returncode == 0 and listed.stderr == ""
+
+    # A command failing on a new store (most likely the wrong one) says both in one line.
+    elsewhere = data_dir.parent / "elsewhere"
+    line = fails(elsewhere, "users", "disable", "bob")
+    assert line.startswith("error: no user 'bob' (a new, empty store")
+    assert str(elsewhere.resolve()) in line
+
+    # Given by URL: named with its password hidden, with the data directory.
+    other = data_dir.parent / "other.db"
+    by_url = caspian(data_dir, "users", "list", CASPIAN_DATABASE_URL=f"sqlite+aiosqlite:///{other}")
+    assert by_url.returncode == 0
+    assert by_url.stderr.startswith(
+        f"note: a new, empty store (no users, no keys) was created at sqlite+aiosqlite:///{other} "
+        f"(data directory {data_dir.resolve()})"
+    )
+
+
+# -- exchange codes -----------------------------------------------------------------
+
+
+def test_exchange_codes_are_case_insensitive(data_dir: Path, tmp_path: Path) -> None:
+    # On a store no server has started on, as a new user meets it.
+    lower = json.loads(ok(data_dir, "products", "list", "--exchange", "gemini", "--json"))
+    assert lower and {product["exchange"] for product in lower} == {"GEMINI"}
+    assert lower == json.loads(ok(data_dir, "products", "list", "--exchange", "GEMINI", "--json"))
+    mixed = ok(data_dir, "products", "list", "--exchange", "Gemini", COLUMNS="200")
+    assert "FX-BTC/USD=GEMINI" in mixed
+
+    ok(data_dir, "users", "create", "dora", "--password-stdin", stdin="dora-pass\n")
+    assert ok(data_dir, "users", "revoke", "dora", "--all").strip() == "dora: none"
+    assert ok(data_dir, "users", "grant", "dora", "gemini").strip() == "dora: GEMINI"
+    assert ok(data_dir, "users", "grant", "dora", "Kraken").strip() == "dora: GEMINI,KRAKEN"
+    assert ok(data_dir, "users", "revoke", "dora", "kraken").strip() == "dora: GEMINI"
+
+    copy = tmp_path / "markets.json"
+    shutil.copy(KRAKEN_MARKETS, copy)
+    imported = ok(data_dir, "products", "import", "--file", str(copy), "--exchange", "kraken")
+    assert PRODUCT_COUNTS.fullmatch(imported.strip())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("products", "list", "--exchange", "nasdaq"),
+        ("products", "list", "--exchange", "nasdaq", "--json"),
+        ("users", "grant", "dora", "nasdaq"),
+        ("users", "revoke", "dora", "nasdaq"),
+    ],
+)
+def test_an_unknown_exchange_is_an_error(data_dir: Path, args: tuple[str, ...]) -> None:
+    ok(data_dir, "users", "create", "dora", "--password-stdin", stdin="dora-pass\n")
+    line = fails(data_dir, *args)
+    assert line.startswith("error: unknown exchange nasdaq (the codes are BINANCE, ")
+    assert "GEMINI" in line
+
+
+# -- tables ---------------------------------------------------------------------------
+
+
+def _table_cells(text: str) -> list[list[str]]:
+    """The rows of a Rich table, each cell's wrapped lines joined (spaces dropped)."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            continue
+        parts = [part.strip() for part in line.strip().strip("│").split("│")]
+        if parts[0]:
+            rows.append(parts)
+        else:
+            rows[-1] = [cell + part for cell, part in zip(rows[-1], parts, strict=True)]
+    return [[cell.replace(" ", "") for cell in row] for row in rows]
+
+
+def _records(text: str) -> list[dict[str, str]]:
+    """The rows of the layout for terminals too narrow for a table."""
+    return [
+        {name: value.strip() for name, value in (line.split(":", 1) for line in block.splitlines())}
+        for block in text.strip().split("\n\n")
+    ]
+
+
+async def _open_session(data_dir: Path) -> None:
+    store = Store(f"sqlite+aiosqlite:///{data_dir / 'caspian.db'}")
+    try:
+        gateway = GatewayInfo(
+            id="gw-1", host="gateway-host-1", pid=4242, started_time=datetime(2026, 11, 23)
+        )
+        session = SessionInfo(
+            id="3f9c2a7d41e0b865",
+            user="hank-the-operator",
+            key_id="V1QHTQPJ01921C3MDFHY",
+            peer="192.168.100.200:54321",
+            opened_time=datetime(2026, 11, 23, 23, 6, 56),
+        )
+        await store.sync_gateway(gateway, [session], [], 60.0)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("columns", "sessions_as"),
+    # 80: the width at which sessions' times were cut ("2026-1…"); 120: a table whose
+    # columns must wrap.
+    [(40, "records"), (80, "records"), (120, "table")],
+)
+def test_tables_fit_the_terminal_and_cut_nothing(
+    data_dir: Path, columns: int, sessions_as: str
+) -> None:
+    ok(data_dir, "keys", "create", "--user", "hank-the-operator")
+    asyncio.run(_open_session(data_dir))
+    sessions = ok(data_dir, "sessions", "list", COLUMNS=str(columns))
+    assert sessions.startswith("┏") == (sessions_as == "table"), sessions
+    for command in ("users", "keys", "sessions"):
+        listed = json.loads(ok(data_dir, command, "list", "--json"))
+        shown = ok(data_dir, command, "list", COLUMNS=str(columns))
+        assert "…" not in shown
+        assert max(len(line) for line in shown.splitlines()) <= columns, shown
+        expected = [
+            {name: "-" if value is None else str(value) for name, value in row.items()}
+            for row in listed
+        ]
+        if shown.startswith("┏"):
+            header = _table_cells(shown.replace("┃", "│").split("┡")[0])
+            assert header == [[name.replace(" ", "") for name in expected[0]]]
+            assert _table_cells(shown.split("┡")[1]) == [
+                [value.replace(" ", "") for value in row.values()] for row in expected
+            ]
+        else:
+            assert _records(shown) == expected, shown
+    if sessions_as == "records":
+        assert "opened:      2026-11-23 23:06:56" in sessions

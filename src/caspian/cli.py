@@ -11,11 +11,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
@@ -30,6 +32,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: Rich markup would take "[env var: …; default: …]" and
+    # "caspian[cluster]" in help texts for tags and drop them.
+    rich_markup_mode=None,
 )
 users_app = typer.Typer(help="Credential logins and their entitlements.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (Key logins).", no_args_is_help=True)
@@ -87,28 +92,82 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def _shown_default(field: FieldInfo) -> str | None:
+    """A setting's default as its variable would spell it; None if it has none."""
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, list):
+        return json.dumps([str(item) for item in default])
+    return str(default)
+
+
+def _setting(name: str) -> Any:
+    """The flag of setting ``name``, its help made from the settings model: the model's
+    description, variable and default are the one source of truth for both."""
+    field = Settings.model_fields[name]
+    default = _shown_default(field)
+    shown = f"; default: {default}" if default is not None else ""
+    return typer.Option(
+        help=f"{field.description} [env var: CASPIAN_{name.upper()}{shown}]", show_default=False
+    )
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"caspian {version('caspian')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Data directory [env: CASPIAN_DATA_DIR]", show_default=False),
-    ] = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="Store URL [env: CASPIAN_DATABASE_URL]", show_default=False),
-    ] = None,
+    data_dir: Annotated[Path | None, _setting("data_dir")] = None,
+    database_url: Annotated[str | None, _setting("database_url")] = None,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     _STORE_OPTIONS.update(data_dir=data_dir, database_url=database_url)
 
 
-def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
+def _new_store(settings: Settings) -> str:
+    """What to tell a user whose command created the store: maybe not the one they meant."""
+    data_dir = settings.data_dir.resolve()
+    if settings.database_url is None:
+        return (
+            f"a new, empty store (no users, no keys) was created in the data directory "
+            f"{data_dir}; if you meant another, give CASPIAN_DATA_DIR or --data-dir"
+        )
+    return (
+        f"a new, empty store (no users, no keys) was created at {_shown_store(settings)} "
+        f"(data directory {data_dir}); if you meant another, give CASPIAN_DATABASE_URL "
+        "or --database-url"
+    )
+
+
+def _shown_store(settings: Settings) -> str:
+    """The store's URL, its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+
+
+def _with_store(action: Callable[[Any], Awaitable[T]], settings: Settings | None = None) -> T:
     """Open the store the server uses, run ``action`` on it, report failures in one line."""
     from caspian.store import Store, StoreError
 
-    settings = _settings(**_STORE_OPTIONS)
+    settings = settings or _settings(**_STORE_OPTIONS)
+    try:
+        store = Store(settings.resolved_database_url)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
     async def run() -> T:
-        store = Store(settings.resolved_database_url)
         try:
             await store.upgrade()
             return await action(store)
@@ -116,9 +175,15 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
             await store.close()
 
     try:
-        return asyncio.run(run())
+        result = asyncio.run(run())
     except (StoreError, CliError, ValueError, OSError) as exc:
-        raise _fail(str(exc) or type(exc).__name__) from None
+        # Still one line: a failure on a store just created empty is most likely the
+        # wrong store (no such user or key there).
+        message = str(exc) or type(exc).__name__
+        raise _fail(f"{message} ({_new_store(settings)})" if store.created else message) from None
+    if store.created:
+        typer.echo(f"note: {_new_store(settings)}", err=True)
+    return result
 
 
 # -- serve -----------------------------------------------------------------
@@ -128,11 +193,14 @@ def _settings_help() -> str:
     """Every CASPIAN_* variable with its meaning and default, for ``serve --help``."""
     lines = ["Environment variables (a flag, where there is one, wins):", ""]
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        if isinstance(default, list):
-            default = ",".join(str(item) for item in default)
-        lines.append(f"CASPIAN_{name.upper()}: {field.description} [default: {default}]")
-        lines.append("")
+        default = _shown_default(field)
+        shown = f" [default: {default}]" if default is not None else ""
+        lines += [f"CASPIAN_{name.upper()}: {field.description}{shown}", ""]
+    # Read by the live source itself, not a setting of the model.
+    lines.append(
+        "CASPIAN_LIVE_URLS: Live source: JSON of per-exchange ccxt URL overrides, e.g. "
+        '{"GDAX": {"api": {"ws": "ws://..."}}} (a mirror, or the test mocks).'
+    )
     return "\n".join(lines)
 
 
@@ -145,81 +213,21 @@ class Role(StrEnum):
 
 
 def _service_options(
-    host: Annotated[
-        str | None, typer.Option(help="Listening address [env: CASPIAN_HOST; default 127.0.0.1]")
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Listening port, 0 for any [env: CASPIAN_PORT; default 8080]")
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where the SQLite file, recordings and signing key live "
-            "[env: CASPIAN_DATA_DIR; default the user's data directory, "
-            "~/.local/share/caspian on Linux]"
-        ),
-    ] = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            help="Store as a SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@host/db "
-            "[env: CASPIAN_DATABASE_URL; default SQLite in the data directory]"
-        ),
-    ] = None,
-    source: Annotated[
-        str | None,
-        typer.Option(
-            help="simulator, replay:PATH or live:EXCHANGE,... [env: CASPIAN_SOURCE; "
-            "default simulator]"
-        ),
-    ] = None,
-    replay_speed: Annotated[
-        float | None,
-        typer.Option(help="Replay pace, 1 = recorded, 0 = at once [env: CASPIAN_REPLAY_SPEED]"),
-    ] = None,
-    bus: Annotated[
-        str | None, typer.Option(help="memory or a nats:// URL [env: CASPIAN_BUS; default memory]")
-    ] = None,
-    token_ttl_s: Annotated[
-        int | None,
-        typer.Option(help="Access token lifetime, seconds [env: CASPIAN_TOKEN_TTL_S; 86400]"),
-    ] = None,
-    heartbeat_s: Annotated[
-        float | None,
-        typer.Option(
-            help="Ping interval; unanswered by the next ping closes 3006 "
-            "[env: CASPIAN_HEARTBEAT_S; 15]"
-        ),
-    ] = None,
-    max_queue: Annotated[
-        int | None,
-        typer.Option(
-            help="Undelivered messages per connection before close 3007 "
-            "[env: CASPIAN_MAX_QUEUE; 50000]"
-        ),
-    ] = None,
-    max_subscriptions: Annotated[
-        int | None,
-        typer.Option(
-            help="Subscriptions per connection before 206 [env: CASPIAN_MAX_SUBSCRIPTIONS; 100]"
-        ),
-    ] = None,
-    maintenance: Annotated[
-        str | None,
-        typer.Option(
-            help="Weekly maintenance window in GMT, e.g. 'SUN 00:15-00:16', or 'off' "
-            "[env: CASPIAN_MAINTENANCE; default SUN 00:15-00:16]"
-        ),
-    ] = None,
-    tls_cert: Annotated[
-        Path | None, typer.Option(help="TLS certificate, PEM [env: CASPIAN_TLS_CERT]")
-    ] = None,
-    tls_key: Annotated[
-        Path | None, typer.Option(help="TLS private key, PEM [env: CASPIAN_TLS_KEY]")
-    ] = None,
-    log_level: Annotated[
-        str | None, typer.Option(help="debug, info, warning or error [env: CASPIAN_LOG_LEVEL]")
-    ] = None,
+    host: Annotated[str | None, _setting("host")] = None,
+    port: Annotated[int | None, _setting("port")] = None,
+    data_dir: Annotated[Path | None, _setting("data_dir")] = None,
+    database_url: Annotated[str | None, _setting("database_url")] = None,
+    source: Annotated[str | None, _setting("source")] = None,
+    replay_speed: Annotated[float | None, _setting("replay_speed")] = None,
+    bus: Annotated[str | None, _setting("bus")] = None,
+    token_ttl_s: Annotated[int | None, _setting("token_ttl_s")] = None,
+    heartbeat_s: Annotated[float | None, _setting("heartbeat_s")] = None,
+    max_queue: Annotated[int | None, _setting("max_queue")] = None,
+    max_subscriptions: Annotated[int | None, _setting("max_subscriptions")] = None,
+    maintenance: Annotated[str | None, _setting("maintenance")] = None,
+    tls_cert: Annotated[Path | None, _setting("tls_cert")] = None,
+    tls_key: Annotated[Path | None, _setting("tls_key")] = None,
+    log_level: Annotated[str | None, _setting("log_level")] = None,
 ) -> None:
     """The flags of ``serve``, ``ingest`` and ``gateway``, declared once: each command
     takes these parameters (less those ``_service_command`` leaves out)."""
@@ -234,11 +242,11 @@ _WORKERS = inspect.Parameter(
         typer.Option(
             min=1,
             envvar="CASPIAN_WORKERS",
-            show_envvar=False,
-            help="Processes serving clients on the one port. Above 1: a NATS server, one "
-            "ingest and N gateway processes sharing the port (SO_REUSEPORT), supervised "
-            "and restarted if they die; needs pip install 'caspian[cluster]' "
-            "[env: CASPIAN_WORKERS; default 1: one process, in-process bus]",
+            show_envvar=True,
+            help="Processes serving clients on the one port: 1, one process with an "
+            "in-process bus; above 1, a NATS server, one ingest and N gateway processes "
+            "sharing the port (SO_REUSEPORT), supervised and restarted if they die (needs "
+            "pip install 'caspian[cluster]').",
         ),
     ],
 )
@@ -307,6 +315,9 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
         else:
             typer.echo(f"Caspian REST API: {listening.rest_url}")
             typer.echo(f"Caspian stream:   {listening.stream_url}")
+        _print_setup(settings)
+        if listening.service.store.created:
+            typer.echo(f"note: {_new_store(settings)}", err=True)
         sys.stdout.flush()
 
     def workers_ready(running: Workers) -> None:
@@ -321,6 +332,7 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
             )
         pids = ", ".join(str(child.pid) for child in running.children)
         typer.echo(f"Caspian workers:  {len(running.children)} processes (pids {pids})")
+        _print_setup(settings)
         sys.stdout.flush()
 
     _stop_on_sigterm()
@@ -333,6 +345,19 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
         pass
     except (StoreError, SupervisorError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+def _print_setup(settings: Settings) -> None:
+    """The banner's lines after the addresses (which scripts read first): what this
+    process runs with, passwords hidden."""
+    from caspian.bus.nats_options import redact
+
+    bus = ",".join(redact(server) for server in settings.bus.split(","))
+    typer.echo(f"Caspian version:  {version('caspian')}")
+    typer.echo(f"Caspian store:    {_shown_store(settings)}")
+    typer.echo(f"Caspian data dir: {settings.data_dir.resolve()}")
+    typer.echo(f"Caspian source:   {settings.source}")
+    typer.echo(f"Caspian bus:      {bus}")
 
 
 app.command(
@@ -366,10 +391,7 @@ def record(
         str | None,
         typer.Option(help="Comma-separated Caspian codes; default every product of the catalog."),
     ] = None,
-    source: Annotated[
-        str | None,
-        typer.Option(help="simulator, replay:PATH or live:EXCHANGE,... [env: CASPIAN_SOURCE]"),
-    ] = None,
+    source: Annotated[str | None, _setting("source")] = None,
     seconds: Annotated[
         float | None,
         typer.Option(min=0.0, help="Stop after this long; default until interrupted."),
@@ -386,21 +408,17 @@ def record(
         database_url=_STORE_OPTIONS.get("database_url"),
     )
     wanted = [code.strip() for code in symbols.split(",") if code.strip()] if symbols else None
+    from caspian.catalog.index import Catalog
+    from caspian.service import make_source, seed_reference_data
     from caspian.sources.recorder import Recorder
-    from caspian.store import StoreError
+
+    async def load_catalog(store: Any) -> Catalog:
+        await seed_reference_data(store)
+        return Catalog(record.spec for record in await store.products())
+
+    catalog = _with_store(load_catalog, settings)
 
     async def run() -> Recorder:
-        from caspian.catalog.index import Catalog
-        from caspian.service import make_source, seed_reference_data
-        from caspian.store import Store
-
-        store = Store(settings.resolved_database_url)
-        try:
-            await store.upgrade()
-            await seed_reference_data(store)
-            catalog = Catalog(record.spec for record in await store.products())
-        finally:
-            await store.close()
         chosen = wanted or [product.caspian_code for product in catalog]
         unknown = [code for code in chosen if catalog.get(code) is None]
         if unknown:
@@ -429,7 +447,7 @@ def record(
         recorder = asyncio.run(run())
     except KeyboardInterrupt:
         return
-    except (StoreError, CliError, ValueError, OSError) as exc:
+    except (CliError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     files = ", ".join(str(path) for path in recorder.files) or "nothing"
     typer.echo(f"recorded {recorder.events} events to {files}")
@@ -528,7 +546,20 @@ def users_enable(name: _UserArgument) -> None:
     _set_disabled(name, False)
 
 
-_ExchangeArgument = Annotated[str | None, typer.Argument(help="An exchange code.")]
+_ExchangeArgument = Annotated[
+    str | None, typer.Argument(help="An exchange code, in any case (GEMINI, gemini).")
+]
+
+
+async def _exchange_code(store: Any, given: str) -> str:
+    """The store's exchange code ``given`` names, whatever its case."""
+    codes = sorted(code for _, code in await store.list_exchanges())
+    code = given.strip().upper()
+    if code not in codes:
+        raise CliError(f"unknown exchange {given} (the codes are {', '.join(codes)})")
+    return code
+
+
 _AllOption = Annotated[bool, typer.Option("--all", help="Every exchange.")]
 
 
@@ -541,14 +572,12 @@ def _change_entitlement(name: str, exchange: str | None, all_exchanges: bool, gr
     """
     if all_exchanges == (exchange is not None):
         raise _fail("name one EXCHANGE code, or give --all")
-    code = exchange.upper() if exchange else None
 
     async def action(store: Any) -> Any:
         from caspian.catalog.exchanges import EXCHANGES
 
         await store.seed_exchanges(EXCHANGES)
-        if code is not None and code not in {c for _, c in await store.list_exchanges()}:
-            raise CliError(f"unknown exchange {code}")
+        code = None if exchange is None else await _exchange_code(store, exchange)
         return await (store.grant if grant else store.revoke)(name, code)
 
     user = _with_store(action)
@@ -678,7 +707,7 @@ def products_import(
     file: Annotated[Path | None, typer.Option("--file", help="A ccxt markets JSON file.")] = None,
     exchange: Annotated[
         str | None,
-        typer.Option("--exchange", help="The Caspian exchange code the file is for."),
+        typer.Option("--exchange", help="The Caspian exchange code the file is for, in any case."),
     ] = None,
     ccxt_id: Annotated[
         str | None,
@@ -728,13 +757,20 @@ def products_import(
 
 @products_app.command("list")
 def products_list(
-    exchange: Annotated[str | None, typer.Option("--exchange", help="An exchange code.")] = None,
+    exchange: Annotated[
+        str | None, typer.Option("--exchange", help="An exchange code, in any case.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the products, of one exchange or all."""
 
     async def action(store: Any) -> list[Any]:
-        return list(await store.products([exchange.upper()] if exchange else None))
+        from caspian.service import seed_reference_data
+
+        # The products the server would serve, also on a store no server has started on.
+        await seed_reference_data(store)
+        code = None if exchange is None else await _exchange_code(store, exchange)
+        return list(await store.products(None if code is None else [code]))
 
     records = _with_store(action)
     if as_json:
@@ -765,6 +801,10 @@ def db_upgrade() -> None:
     typer.echo("the store is up to date")
 
 
+#: Words up to this long (a date) are never broken in a table; longer ones may fold.
+_UNBROKEN = len("2026-01-01")
+
+
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, what: str) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -772,13 +812,37 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, what: str) -> None:
     if not rows:
         typer.echo(f"no {what}")
         return
-    table = Table(*rows[0].keys())
-    # The first column names the row for the other commands (revoke, end): never shortened.
-    first, name = table.columns[0], next(iter(rows[0]))
-    first.no_wrap = True
-    first.min_width = max(len(str(row[name])) for row in rows)
-    for row in rows:
-        table.add_row(*("-" if value is None else str(value) for value in row.values()))
+    cells = [
+        {name: "-" if value is None else str(value) for name, value in row.items()} for row in rows
+    ]
+    # Each column at least as wide as its header and its longest word up to a date's
+    # length: values wrap between words, a longer word folds, none is cut ("2026-1…").
+    # The first column names the row for the other commands (revoke, end): never wrapped.
+    names = list(cells[0])
+    widths = [
+        max(len(name), *(min(len(word), _UNBROKEN) for row in cells for word in row[name].split()))
+        for name in names
+    ]
+    widths[0] = max(len(names[0]), *(len(row[names[0]]) for row in cells))
+    # Rich's default table: a border before each column and after the last, one space
+    # of padding either side of each.
+    if sum(widths) + 3 * len(widths) + 1 > _console.width:
+        # Too narrow for a table: one "name: value" line per cell, a blank line per row.
+        label = max(len(name) for name in names) + 2
+        typer.echo(
+            "\n\n".join(
+                "\n".join(f"{name + ':':<{label}}{value}" for name, value in row.items())
+                for row in cells
+            )
+        )
+        return
+    table = Table(*names)
+    for column, width in zip(table.columns, widths, strict=True):
+        column.min_width = width
+        column.overflow = "fold"
+    table.columns[0].no_wrap = True
+    for row in cells:
+        table.add_row(*row.values())
     _console.print(table)
 
 

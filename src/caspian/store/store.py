@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, event, exists, insert, select
@@ -268,12 +269,15 @@ def _on_sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _migrate(connection: Connection) -> None:
+def _migrate(connection: Connection) -> bool:
+    """Upgrade to the latest migration; whether the store had no schema before (new)."""
+    new = MigrationContext.configure(connection).get_current_revision() is None
     config = Config()
     # Config values go through ConfigParser interpolation, where "%" is special.
     config.set_main_option("script_location", str(_MIGRATIONS).replace("%", "%%"))
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+    return new
 
 
 def _user_info(user: User, exchanges: Iterable[str]) -> UserInfo:
@@ -331,6 +335,8 @@ class Store:
     def __init__(self, url: str) -> None:
         # One per store, hence per event loop: a semaphore belongs to the loop it waits in.
         self._argon2_slots = asyncio.Semaphore(_ARGON2_AT_ONCE)
+        #: Set by ``upgrade``: the store had no schema, and was created empty.
+        self.created = False
         try:
             self._url = make_url(url)
             options: dict[str, Any] = {"pool_pre_ping": True}
@@ -369,7 +375,11 @@ class Store:
             yield session
 
     async def upgrade(self) -> None:
-        """Bring the schema to the latest migration; does nothing if it is there already."""
+        """Bring the schema to the latest migration; does nothing if it is there already.
+
+        Sets ``created`` if the store had no schema: it was created empty just now (the
+        CLI says so, for a user who meant another data directory).
+        """
         database = self._url.database
         async with _availability():
             if self._is_sqlite and database and database != ":memory:":
@@ -377,7 +387,7 @@ class Store:
             async with self._engine.connect() as connection:
                 await connection.execution_options(**{_WRITE: True})
                 async with connection.begin():
-                    await connection.run_sync(_migrate)
+                    self.created = await connection.run_sync(_migrate)
 
     async def close(self) -> None:
         await self._engine.dispose()
