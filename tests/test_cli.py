@@ -665,7 +665,7 @@ def test_serve_banner_says_what_it_runs_with_and_that_the_store_is_new(data_dir:
     assert notes == [
         "note: a new, empty store (no users, no keys) was created in the data directory "
         f"{data_dir.resolve()}; if you meant another, give CASPIAN_DATA_DIR or --data-dir"
-    ]
+    ], first.stderr
 
     again = Started(data_dir, "serve", "--port", "0", labels=BANNER, env=env)
     again.stop()
