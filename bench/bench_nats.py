@@ -153,16 +153,9 @@ class Bench(BenchSetup):
         super().__init__(args, "nats", args.symbols.split(","))
         self.subscriptions = subscriptions(args.symbols)
 
-        # All clients are one key on one address: the limits meant for many must let them in.
-        room = str(args.connections + 100)
-        self.limits = {
-            "CASPIAN_MAX_STREAMS_PER_PRINCIPAL": room,
-            "CASPIAN_MAX_CONNECTIONS_PER_ADDRESS": room,
-        }
-
     def serving(self, role: str, rate: float, bus: dict[str, str]) -> Server:
         """``caspian serve`` or ``caspian gateway``, with a token for its clients."""
-        server = start_caspian(self.data_dir, rate, self.server_place, role, self.limits | bus)
+        server = start_caspian(self.data_dir, rate, self.server_place, role, bus)
         if not self.token:
             assert server.rest_url is not None
             self.token = authenticate(server.rest_url, self.key)

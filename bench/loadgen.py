@@ -213,6 +213,14 @@ def caspian_env(data_dir: Path, rate: float) -> dict[str, str]:
     return env
 
 
+#: Every load-generating client is one key from 127.0.0.1: the limits that keep
+#: one hostile key or address from taking the server would refuse them.
+MANY_CLIENTS = {
+    "CASPIAN_MAX_STREAMS_PER_PRINCIPAL": "1000000",
+    "CASPIAN_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
+}
+
+
 def launch(
     command: list[str], run: Path, placement: Placement, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -241,7 +249,7 @@ def start_caspian(
     """
     run = Path(tempfile.mkdtemp(prefix=f"{role}-", dir=data_dir))
     out = run / "stdout"
-    env = caspian_env(data_dir, rate) | dict(extra_env or {})
+    env = caspian_env(data_dir, rate) | MANY_CLIENTS | dict(extra_env or {})
     process = launch([*caspian_command(), role], run, placement, env)
     rest = wait_for_line(process, out, "Caspian REST API:", f"caspian {role}")
     stream = wait_for_line(process, out, "Caspian stream:", f"caspian {role}")
