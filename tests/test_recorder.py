@@ -59,7 +59,8 @@ def read_back(path: Path) -> list[Event]:
 
 async def replayed(path: Path, symbols: tuple[str, ...] = SYMBOLS) -> tuple[list[Event], int]:
     """Every event a ReplaySource delivers for ``symbols`` at speed 0, and its bad line count."""
-    source = ReplaySource(path, speed=0)
+    # The recorded times, to compare with what was recorded.
+    source = ReplaySource(path, speed=0, recorded_times=True)
     for symbol in symbols:
         source.watch(symbol)
     seen: list[Event] = []

@@ -132,7 +132,8 @@ class _Group:
             subscriber.deliver(prefix, tail)
         MESSAGES.inc(len(targets))
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Sends what changed since the last update; whether anything was sent."""
         raise NotImplementedError
 
 
@@ -154,7 +155,7 @@ class Level2Group(_Group):
         self._snapshot_tail = (self.sent, tail)
         return tail
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         self.dirty = False
         view = self.state.book.top(self.levels)
         if self.resync:
@@ -163,9 +164,10 @@ class Level2Group(_Group):
         else:
             changes = diff_views(self.sent, view)
         if not changes:
-            return
+            return False
         self.sent = view
         self.fan_out(self.state.l2_tail(changes))
+        return True
 
     def send_status(self) -> None:
         """A depth status change goes out at once, with no levels."""
@@ -177,12 +179,13 @@ class Level1Group(_Group):
         super().__init__(state, interval)
         self.sent_version = state.l1_version
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         self.dirty = False
         if self.sent_version == self.state.l1_version:
-            return
+            return False
         self.sent_version = self.state.l1_version
         self.fan_out(self.state.l1_tail())
+        return True
 
 
 def _whole(old: BookView, new: BookView) -> list[LevelChange]:
@@ -323,7 +326,10 @@ class Hub:
         for group in state.level2.values():
             if event.snapshot:
                 group.resync = True
-            if status_changed:
+            # Back with a whole book: that book goes out at once, whatever the
+            # conflation, carrying the new status, rather than a "connected"
+            # with no levels and the book an interval later.
+            if status_changed and not (event.snapshot and group.flush()):
                 group.send_status()
             self._changed(group)
         if not state.quotes:
