@@ -309,6 +309,7 @@ class NatsBus(Bus):
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewal: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._errors = LogThrottle(log)
         #: Gaps seen and resyncs done, for tests and metrics.
         self.resyncs = 0
@@ -377,6 +378,7 @@ class NatsBus(Bus):
         return self._last_server
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -611,6 +613,8 @@ class NatsBus(Bus):
                 self._announce()
 
     async def _on_disconnected(self) -> None:
+        if self._stopping:
+            return  # the drain of our own stop, not an outage
         log.warning("NATS: disconnected from %s", self._server_shown())
         # Every watched stream may now miss events: say so at once.
         for symbol, feed in self._feeds.items():
