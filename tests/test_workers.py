@@ -368,6 +368,8 @@ def test_children_end_when_the_supervisor_is_killed(data_dir: Path) -> None:
     children = set(_children(served.pid))
     try:
         assert len(children) == 4
+        # A fresh data directory: the user is told the store is new and empty.
+        _wait_for(lambda: "note: a new, empty store" in served.stderr, 10, "no new-store notice")
         served.process.kill()
         served.process.wait()
         _wait_for(

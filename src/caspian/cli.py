@@ -333,6 +333,8 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
         pids = ", ".join(str(child.pid) for child in running.children)
         typer.echo(f"Caspian workers:  {len(running.children)} processes (pids {pids})")
         _print_setup(settings)
+        if running.store_created:
+            typer.echo(f"note: {_new_store(settings)}", err=True)
         sys.stdout.flush()
 
     _stop_on_sigterm()

@@ -333,6 +333,8 @@ class Workers:
     port: int
     ingest_port: int | None
     children: tuple[Child, ...]
+    #: The store was created empty by this start (see ``prepare_store``).
+    store_created: bool
 
 
 def plan(
@@ -394,8 +396,9 @@ def plan(
     return groups
 
 
-async def prepare_store(settings: Settings) -> None:
-    """Migrate and seed the store, and make the signing key, once for every worker."""
+async def prepare_store(settings: Settings) -> bool:
+    """Migrate and seed the store, and make the signing key, once for every worker;
+    whether the store was created empty."""
     from caspian.auth.tokens import load_or_create_secret
     from caspian.service import seed_reference_data
     from caspian.store import Store
@@ -408,6 +411,7 @@ async def prepare_store(settings: Settings) -> None:
         await seed_reference_data(store)
     finally:
         await store.close()
+    return store.created
 
 
 async def run_workers(
@@ -425,7 +429,7 @@ async def run_workers(
         raise SupervisorError(
             "with CASPIAN_SOURCE=none the gateways need a NATS bus: set CASPIAN_BUS=nats://…"
         )
-    await prepare_store(settings)
+    store_created = await prepare_store(settings)
     held = reserve_port(settings.host, settings.port)
     ingest_held = reserve_port("127.0.0.1", 0) if settings.source != "none" else None
     stop = asyncio.Event()
@@ -479,6 +483,7 @@ async def run_workers(
                 held.getsockname()[1],
                 ingest_held.getsockname()[1] if ingest_held is not None else None,
                 tuple(started),
+                store_created,
             )
         )
         await stop.wait()
