@@ -70,6 +70,19 @@ class StreamClient:
         assert response["payload"]["code"] == 200, response
         return request_id
 
+    async def whole_book(self, symbol: str, levels: int = 5) -> Message:
+        """Subscribes to ``symbol``'s Level2; its first whole top-N, checked connected and
+        two-sided, once the next update has come too."""
+        await self.subscribe(symbol, "Level2", numberOfLevels=levels)
+        whole = await self.wait_for(
+            lambda m: m["type"] == "Level2" and bool(m["payload"]), within=30
+        )
+        assert whole["depthStream"] == "connected"
+        assert {level["side"] for level in whole["payload"]} == {"bid", "ask"}
+        later = await self.wait_for(lambda m: m["type"] == "Level2", within=10)
+        assert later["depthStream"] == "connected"
+        return whole
+
     async def closed_with(self, within: float = 10) -> int | None:
         """Read until the server closes; the close code it sent."""
         try:
