@@ -694,6 +694,55 @@ class Caspian(Consumer):
         super().stop()
 
 
+class RunnerConsumer(Consumer):
+    """A consumer in a process of its own, run by this script with a ``--...-runner``
+    flag; commands go to its stdin as lines, answers come back as JSON lines."""
+
+    def __init__(self, work: Path, market: Market, place: Placement) -> None:
+        self.work = work
+        self.market = market
+        self.place = place
+        self.log = work / f"{self.name}.log"
+        self._popen: subprocess.Popen[str] | None = None
+
+    def _launch_runner(self, command: list[str]) -> None:
+        with open(self.work / f"{self.name}.stderr", "w") as stderr:
+            self._popen = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=self.work,
+                preexec_fn=self.place.apply,
+            )
+        self.process = Server(self.name, cast(subprocess.Popen[bytes], self._popen), "", None)
+        # The runner answers once it has loaded the symbols from the server.
+        self._ask("status")
+
+    def _ask(self, command: str) -> dict[str, Any]:
+        assert self._popen is not None and self._popen.stdin and self._popen.stdout
+        self._popen.stdin.write(command + "\n")
+        self._popen.stdin.flush()
+        line = self._popen.stdout.readline()
+        if not line:
+            errors = (self.work / f"{self.name}.stderr").read_text(errors="replace")
+            raise RuntimeError(f"the {self.name} runner stopped:\n{errors[-2000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def stop(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            with contextlib.suppress(OSError):
+                self._popen.send_signal(signal.SIGTERM)
+        super().stop()
+
+    def warnings(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text(errors="replace").splitlines() if line]
+
+
 # -- consumer B: cryptofeed ------------------------------------------------------------
 
 
@@ -726,16 +775,12 @@ def cryptofeed_version(python: str) -> str:
     return done.stdout.strip() or "?"
 
 
-class Cryptofeed(Consumer):
+class Cryptofeed(RunnerConsumer):
     name = "cryptofeed"
 
     def __init__(self, python: str, work: Path, market: Market, place: Placement) -> None:
+        super().__init__(work, market, place)
         self.python = python
-        self.work = work
-        self.market = market
-        self.place = place
-        self.log = work / "cryptofeed.log"
-        self._popen: subprocess.Popen[str] | None = None
         self._sent: list[int] = []
         self._received: list[int] = []
         self._tops: dict[str, Any] = {}
@@ -747,30 +792,7 @@ class Cryptofeed(Consumer):
         command = [self.python, str(Path(__file__).resolve()), "--cryptofeed-runner"]
         command += [str(port), "--symbols", str(len(self.market.ids))]
         command += ["--runner-log", str(self.log)]
-        with open(self.work / "cryptofeed.stderr", "w") as stderr:
-            self._popen = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                cwd=self.work,
-                preexec_fn=self.place.apply,
-            )
-        self.process = Server(self.name, cast(subprocess.Popen[bytes], self._popen), "", None)
-        # The runner answers once cryptofeed has loaded the symbols from the server.
-        self._ask("status")
-
-    def _ask(self, command: str) -> dict[str, Any]:
-        assert self._popen is not None and self._popen.stdin and self._popen.stdout
-        self._popen.stdin.write(command + "\n")
-        self._popen.stdin.flush()
-        line = self._popen.stdout.readline()
-        if not line:
-            errors = (self.work / "cryptofeed.stderr").read_text(errors="replace")
-            raise RuntimeError(f"the cryptofeed runner stopped:\n{errors[-2000:]}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        self._launch_runner(command)
 
     async def caught_up(
         self, tops: Sequence[Top], last_ids: Sequence[int]
@@ -812,17 +834,6 @@ class Cryptofeed(Consumer):
             return self.market.steps[step].events
         self._collect()
         return sum(1 for received in self._received if received <= until_us)
-
-    def stop(self) -> None:
-        if self._popen is not None and self._popen.poll() is None:
-            with contextlib.suppress(OSError):
-                self._popen.send_signal(signal.SIGTERM)
-        super().stop()
-
-    def warnings(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        return [line for line in self.log.read_text(errors="replace").splitlines() if line]
 
 
 def run_cryptofeed(port: int, symbols: int, log: str) -> None:
@@ -922,7 +933,7 @@ def run_cryptofeed(port: int, symbols: int, log: str) -> None:
 # -- consumer C: Caspian's live source alone ---------------------------------------
 
 
-class CaspianSource(Consumer):
+class CaspianSource(RunnerConsumer):
     """Caspian's ``LiveSource`` for Binance in a process of its own, its sink a no-op.
 
     What the service spends before its gateway: the same source, addresses,
@@ -934,12 +945,8 @@ class CaspianSource(Consumer):
     name = "caspian-source"
 
     def __init__(self, args: argparse.Namespace, work: Path, market: Market, place: Placement):
+        super().__init__(work, market, place)
         self.args = args
-        self.work = work
-        self.market = market
-        self.place = place
-        self.log = work / "caspian-source.log"
-        self._popen: subprocess.Popen[str] | None = None
         self._symbol: list[int] = []
         self._sent: list[int] = []
         self._received: list[int] = []
@@ -957,29 +964,7 @@ class CaspianSource(Consumer):
         command += ["--runner-log", str(self.log)]
         if self.args.max_lag is not None:
             command += ["--max-lag", str(self.args.max_lag)]
-        with open(self.work / "caspian-source.stderr", "w") as stderr:
-            self._popen = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                cwd=self.work,
-                preexec_fn=self.place.apply,
-            )
-        self.process = Server(self.name, cast(subprocess.Popen[bytes], self._popen), "", None)
-        self._ask("status")
-
-    def _ask(self, command: str) -> dict[str, Any]:
-        assert self._popen is not None and self._popen.stdin and self._popen.stdout
-        self._popen.stdin.write(command + "\n")
-        self._popen.stdin.flush()
-        line = self._popen.stdout.readline()
-        if not line:
-            errors = (self.work / "caspian-source.stderr").read_text(errors="replace")
-            raise RuntimeError(f"the caspian-source runner stopped:\n{errors[-2000:]}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        self._launch_runner(command)
 
     async def caught_up(
         self, tops: Sequence[Top], last_ids: Sequence[int]
@@ -1045,17 +1030,6 @@ class CaspianSource(Consumer):
     def stale(self) -> int | None:
         down: int = self._ask("status")["down"]
         return down
-
-    def stop(self) -> None:
-        if self._popen is not None and self._popen.poll() is None:
-            with contextlib.suppress(OSError):
-                self._popen.send_signal(signal.SIGTERM)
-        super().stop()
-
-    def warnings(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        return [line for line in self.log.read_text(errors="replace").splitlines() if line]
 
 
 def run_source(port: int, symbols: int, ws_path: str, max_lag: float, log: str) -> None:
