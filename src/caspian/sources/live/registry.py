@@ -117,8 +117,15 @@ EXCHANGES: tuple[Exchange, ...] = (
         "Bitflyer",
         "bitflyer",
         "bitflyer",
-        None,
-        notes="ccxt.pro has no WebSocket support for bitFlyer (ccxt has its REST API only)",
+        "bitflyer",
+        checks=(
+            "every board snapshot replaces the book, healing a lost change (Caspian)",
+            _CROSSED,
+        ),
+        notes="ccxt.pro does not stream bitFlyer: its JSON-RPC 2.0 WebSocket through Caspian's "
+        "own client, native product codes (BTC_JPY, FX_BTC_JPY), board snapshots and changes, "
+        "executions. bitFlyer numbers nothing, so a lost change shows only when the next "
+        "snapshot heals it or the book crosses.",
     ),
     Exchange(
         "BITHUMB",

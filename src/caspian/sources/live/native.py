@@ -1,0 +1,191 @@
+"""What Caspian's own one-symbol WebSocket clients share (bitFlyer, Korbit, Paxos).
+
+A :class:`NativeConnection` offers the part of a ccxt.pro exchange object
+that :mod:`caspian.sources.live.ccxt_pro`'s sessions use, so an exchange
+without ccxt.pro runs through the same sessions, watchdog, checks and
+metrics as the ccxt exchanges: one connection per watched symbol, which
+connects on the first watch, subscribes each channel on its first watch,
+hands every raw message to ``handle_message`` (which the session wraps), and
+raises from the watch calls once the connection failed.
+
+A subclass names its address, how to subscribe, and parses messages into
+:meth:`NativeConnection.replace_book`, :meth:`NativeConnection.change_book`
+and :meth:`NativeConnection.add_trades`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from caspian.book import BookView, OrderBook
+from caspian.sources.live.adapter import Adapter
+from caspian.sources.live.ccxt_pro import SymbolSessions
+from caspian.sources.live.registry import Exchange
+from caspian.sources.live.source import LiveSource
+
+Level = tuple[float, float]
+
+
+def sessions(
+    source: LiveSource,
+    exchange: Exchange,
+    adapter: Adapter,
+    connection: Callable[[Mapping[str, Any]], NativeConnection],
+) -> SymbolSessions:
+    """The sessions of an exchange whose connections ``connection`` makes from its URL overrides."""
+    return SymbolSessions(
+        source,
+        exchange.code,
+        adapter,
+        new_exchange=lambda: connection(source.urls.get(exchange.code, {})),
+    )
+
+
+class NativeConnection:
+    """One symbol's book and trades over one WebSocket connection."""
+
+    #: Named in errors.
+    name = "the exchange"
+
+    def __init__(self, ws_url: str) -> None:
+        self.ws_url = ws_url
+        self.handle_message: Callable[[Any, Any], None] = self.handle
+        self._ws: ClientConnection | None = None
+        self._opening = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channels: set[str] = set()
+        self._failure: BaseException | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._book = OrderBook()
+        self._book_ms: int | None = None
+        self._has_book = False
+        self._book_changed = False
+        self._trades: list[dict[str, Any]] = []
+
+    # -- what subclasses speak --------------------------------------------------
+
+    def subscriptions(self, channel: str, symbol: str) -> list[Any]:
+        """The requests subscribing ``channel`` (``"book"`` or ``"trades"``) of ``symbol``."""
+        raise NotImplementedError
+
+    def handle(self, client: Any, message: Any) -> None:
+        """Applies one parsed message; raises IntegrityError on a book it cannot trust."""
+        raise NotImplementedError
+
+    async def keepalive(self, ws: ClientConnection) -> None:
+        """Keeps a quiet connection talking, for exchanges that expect the client to."""
+
+    # -- the book and trades, for subclasses ---------------------------------------
+
+    @property
+    def has_book(self) -> bool:
+        return self._has_book
+
+    def replace_book(self, bids: Iterable[Level], asks: Iterable[Level], ms: int | None) -> None:
+        self._book.apply_snapshot(bids, asks)
+        self._has_book = True
+        self._book_updated(ms)
+
+    def change_book(self, bids: Iterable[Level], asks: Iterable[Level], ms: int | None) -> None:
+        self._book.apply_diff(bids, asks)
+        self._book_updated(ms)
+
+    def add_trades(self, trades: list[dict[str, Any]]) -> None:
+        """Trades in ccxt's layout: id, timestamp (ms), price, amount, side, info."""
+        if trades:
+            self._trades += trades
+            self._notify()
+
+    def _book_updated(self, ms: int | None) -> None:
+        if ms is not None:
+            self._book_ms = ms
+        self._book_changed = True
+        self._notify()
+
+    # -- what the sessions call -------------------------------------------------------
+
+    async def watch_order_book(self, symbol: str, limit: int | None = None) -> dict[str, Any]:
+        await self._subscribe("book", symbol)
+        while not self._book_changed:
+            await self._next()
+        self._book_changed = False
+        book = self._book
+        top = book.top(limit if limit is not None else max(book.bid_count, book.ask_count))
+        return {"bids": list(top.bids), "asks": list(top.asks), "timestamp": self._book_ms}
+
+    def view(self, symbol: str, depth: int) -> tuple[BookView | None, int | None]:
+        """The top ``depth`` levels of the book and its time in ms, as a session reads them."""
+        return (self._book.top(depth) if self._has_book else None), self._book_ms
+
+    async def watch_trades(
+        self, symbol: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        await self._subscribe("trades", symbol)
+        while not self._trades:
+            await self._next()
+        trades, self._trades = self._trades, []
+        return trades
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ws is not None:
+            await self._ws.close()
+
+    # -- the connection -------------------------------------------------------------
+
+    async def _subscribe(self, channel: str, symbol: str) -> None:
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        ws = await self._open()
+        for request in self.subscriptions(channel, symbol):
+            await ws.send(orjson.dumps(request).decode())
+
+    async def _open(self) -> ClientConnection:
+        async with self._opening:
+            if self._ws is None:
+                self._ws = await connect(
+                    self.ws_url,
+                    close_timeout=1.0,
+                    # A whole book of a busy market may exceed the 1 MiB default.
+                    max_size=2**24,
+                )
+                loop = asyncio.get_running_loop()
+                self._tasks = [
+                    loop.create_task(self._receive(self._ws)),
+                    loop.create_task(self.keepalive(self._ws)),
+                ]
+            return self._ws
+
+    async def _next(self) -> None:
+        """Waits for the next message, raising once the connection has failed."""
+        if self._failure is not None:
+            raise self._failure
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_future()
+        # Both watchers wait on one future: one of them being cancelled
+        # must not cancel it for the other.
+        await asyncio.shield(self._wake)
+        if self._failure is not None:
+            raise self._failure
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        failure: BaseException = ConnectionError(f"{self.name} closed the connection")
+        try:
+            async for raw in ws:
+                self.handle_message(self, orjson.loads(raw))
+        except Exception as exc:
+            failure = exc
+        self._failure = failure
+        self._notify()
