@@ -19,7 +19,8 @@ The package, by layer:
   ``connected`` while the feed runs more than ``CASPIAN_LIVE_MAX_LAG_S``
   behind the exchange;
 - the clients: :mod:`.ccxt_pro` (ccxt.pro, a connection per symbol),
-  :mod:`.binance` and :mod:`.bitmex` (Caspian's own);
+  :mod:`.binance`, :mod:`.bitmex` and :mod:`.bitflyer` (Caspian's own; the
+  last on :mod:`.native`'s one-symbol connection);
 - :mod:`caspian.sources.integrity`: the pure checks of books that clients
   run on the exchanges' sequence numbers and checksums.
 
@@ -29,7 +30,8 @@ section 7): per Caspian exchange code, values merged into the exchange's
 ``urls`` in ccxt's layout, e.g.
 ``{"GDAX": {"api": {"ws": "ws://127.0.0.1:9000", "public": "http://127.0.0.1:9000"}}}``;
 Caspian's own clients read the same keys ccxt does for their exchange
-(BitMEX, which ccxt does not describe, takes ``{"api": {"ws": ..., "rest": ...}}``).
+(BitMEX, which ccxt does not describe, takes ``{"api": {"ws": ..., "rest": ...}}``;
+bitFlyer ``{"api": {"ws": base}}``, the base replacing bitFlyer's and keeping its path).
 """
 
 from caspian.sources.live.registry import BY_CODE, EXCHANGES, Exchange, parse_exchanges
