@@ -71,6 +71,7 @@ from tests.support.mock_exchanges import (
 from tests.support.mock_exchanges import kraken_checksum as documented_kraken_checksum
 from tests.support.mock_hitbtc import HitbtcMock
 from tests.support.mock_htx import HtxMock
+from tests.support.mock_korbit import KorbitMock
 from tests.support.mock_kucoin import KucoinMock
 from tests.support.mock_okx import OkxMock
 from tests.support.mock_poloniex import PoloniexMock
@@ -341,6 +342,20 @@ VENUES = [
         },
         # Nothing is numbered: a lost change is healed by the next snapshot
         # (test_live_bitflyer), only a crossed book forces a rebuild.
+        "cross",
+        "crossed",
+    ),
+    Venue(
+        "KORBIT",
+        "FX-BTC/KRW=KORBIT",
+        KorbitMock,
+        # The base address replaces Korbit's; the client keeps its path.
+        lambda m: {"api": {"ws": m.ws_url}},
+        "orderbook",
+        "trade",
+        lambda m: m.trade(100.0, 0.5, "buy"),
+        lambda raw: {"side": "BUY"},
+        # Every message is the whole top 30: only a crossed one shows.
         "cross",
         "crossed",
     ),

@@ -25,7 +25,6 @@ catch a dead connection, the watchdog a silent one.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -76,11 +75,6 @@ class BitflyerConnection(NativeConnection):
 
     name = "bitFlyer"
 
-    def __init__(self, ws_url: str) -> None:
-        super().__init__(ws_url)
-        self._ids = itertools.count(1)
-        self._requests: dict[int, str] = {}
-
     @classmethod
     def from_urls(cls, urls: Mapping[str, Any]) -> BitflyerConnection:
         """From ``{"api": {"ws": base}}`` (CONTRACT.md section 7): the base replaces bitFlyer's."""
@@ -94,31 +88,22 @@ class BitflyerConnection(NativeConnection):
             names = [f"lightning_board_{symbol}", f"lightning_board_snapshot_{symbol}"]
         else:
             names = [f"lightning_executions_{symbol}"]
-        requests = []
-        for name in names:
-            request_id = next(self._ids)
-            self._requests[request_id] = name
-            requests.append(
-                {
-                    "jsonrpc": "2.0",
-                    "method": "subscribe",
-                    "params": {"channel": name},
-                    "id": request_id,
-                }
-            )
-        return requests
+        return [
+            {
+                "jsonrpc": "2.0",
+                "method": "subscribe",
+                "params": {"channel": name},
+                "id": self.request_id(name),
+            }
+            for name in names
+        ]
 
     def handle(self, client: Any, message: Any) -> None:
         if not isinstance(message, dict):
             return
         if "error" in message:
-            request_id = message.get("id")
-            channel = (
-                self._requests.get(request_id, "a request")
-                if isinstance(request_id, int)
-                else "a request"
-            )
-            raise RuntimeError(f"bitFlyer refused {channel}: {message['error']}")
+            what = self.requested(message.get("id"))
+            raise RuntimeError(f"bitFlyer refused {what}: {message['error']}")
         if message.get("method") != "channelMessage":
             return
         params = message.get("params")

@@ -16,6 +16,7 @@ and :meth:`NativeConnection.add_trades`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -66,6 +67,8 @@ class NativeConnection:
         self._has_book = False
         self._book_changed = False
         self._trades: list[dict[str, Any]] = []
+        self._request_ids = itertools.count(1)
+        self._requests: dict[int, str] = {}
 
     # -- what subclasses speak --------------------------------------------------
 
@@ -80,11 +83,19 @@ class NativeConnection:
     async def keepalive(self, ws: ClientConnection) -> None:
         """Keeps a quiet connection talking, for exchanges that expect the client to."""
 
-    # -- the book and trades, for subclasses ---------------------------------------
+    def request_id(self, what: str) -> int:
+        """A new request id, remembered with ``what`` it asks for, for errors to name."""
+        request_id = next(self._request_ids)
+        self._requests[request_id] = what
+        return request_id
 
-    @property
-    def has_book(self) -> bool:
-        return self._has_book
+    def requested(self, request_id: Any) -> str:
+        """What the request ``request_id`` asked for, as an error names it."""
+        if isinstance(request_id, int) and request_id in self._requests:
+            return self._requests[request_id]
+        return "a request"
+
+    # -- the book and trades, for subclasses ---------------------------------------
 
     def replace_book(self, bids: Iterable[Level], asks: Iterable[Level], ms: int | None) -> None:
         self._book.apply_snapshot(bids, asks)

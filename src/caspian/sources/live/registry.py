@@ -261,7 +261,18 @@ EXCHANGES: tuple[Exchange, ...] = (
         None,
         notes="itBit became Paxos; ccxt dropped it",
     ),
-    Exchange("KORBIT", "Korbit", None, None, None, notes="ccxt dropped Korbit"),
+    Exchange(
+        "KORBIT",
+        "Korbit",
+        None,
+        None,
+        "korbit",
+        checks=("every orderbook message is the whole top 30 (Caspian)", _CROSSED),
+        notes="ccxt dropped Korbit (now Digital X, which keeps its addresses): v2 public "
+        "WebSocket through Caspian's own client, native ids (btc_krw), orderbook and trade "
+        "channels. No sequence: a message dropped under load is repaired by the next, whole one; "
+        "30 levels a side.",
+    ),
     Exchange(
         "KRAKEN",
         "Kraken",
