@@ -151,8 +151,6 @@ def test_every_product_is_consistent(products: list[ProductSpec]) -> None:
         assert p.description.startswith(f"{currency_name(p.ccy_from)} - "), p
         if p.type == "FX":
             assert p.underlying_caspian_code is None and p.multiplier is None, p
-        else:
-            assert p.underlying_caspian_code == f"FX-{p.ccy_from}/{p.ccy_to}={p.exchange}", p
         dated = p.type in ("FUT", "OPT")
         assert (p.expire_date is not None) == dated, p
         if p.expire_date is not None:
@@ -218,7 +216,8 @@ def test_deribit_option(by_code: dict[str, ProductSpec]) -> None:
     # Deribit's tick_size_steps: 0.0001 below 0.005, 0.0005 from there on.
     assert option.tick_rule == ",0.005,0.0001;0.005,,0.0005"
     assert option.tick_size == "0.0001"
-    assert option.underlying_caspian_code == "FX-BTC/USD=DERIBIT"
+    # Deribit lists neither a BTC/USD pair nor a BTC/USD perpetual.
+    assert option.underlying_caspian_code is None
     assert option.description == "Bitcoin - US Dollar - Option 2024JAN26 39000 Call"
 
 

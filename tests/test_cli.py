@@ -40,6 +40,7 @@ KRAKEN_MARKETS = SRC / "catalog" / "data" / "ccxt" / "kraken.json"
 KRAKEN_RECORDING = Path(__file__).resolve().parent / "fixtures" / "kraken"
 KEY_ID = re.compile(r"[A-Z0-9]{20}")
 PRODUCT_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated$")
+REFRESH_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated, (\d+) retired$")
 
 
 def products(data_dir: Path) -> dict[str, dict[str, Any]]:
@@ -301,15 +302,22 @@ def test_import_through_ccxt(data_dir: Path, kraken: RecordedExchange) -> None:
     assert "--ccxt-url" in ok(data_dir, "products", "import", "--help")
     ok(data_dir, "db", "upgrade")
     before = products(data_dir)
-    counts = PRODUCT_COUNTS.match(
+    counts = REFRESH_COUNTS.match(
         ok(data_dir, "products", "import", "--ccxt", "KRAKEN", "--ccxt-url", kraken.url).strip()
     )
     assert counts is not None
     assert {"/0/public/Assets", "/0/public/AssetPairs"} <= set(kraken.requested)
     after = products(data_dir)
     new = {"FX-ETH/EUR=KRAKEN", "FX-ETH/BTC=KRAKEN"}
-    assert (int(counts[1]), int(counts[2])) == (len(new), 2)
-    assert set(after) == set(before) | new
+    # The built-in Kraken products the recorded exchange no longer lists are retired.
+    delisted = {
+        code
+        for code, product in before.items()
+        if product["exchange"] == "KRAKEN"
+        and code not in {"FX-BTC/USD=KRAKEN", "FX-ADA/USDT=KRAKEN"}
+    }
+    assert (int(counts[1]), int(counts[2]), int(counts[3])) == (len(new), 2, len(delisted))
+    assert set(after) == (set(before) - delisted) | new
     assert after["FX-ETH/EUR=KRAKEN"]["nativeCode"] == "XETHZEUR"
     assert after["FX-ETH/EUR=KRAKEN"]["tickRule"] == ",,0.01"
     # The pair Kraken lists as cancel_only is not tradable, so not a product.

@@ -69,6 +69,7 @@ BAD: dict[str, tuple[str, str]] = {
     "simulator_outages": ("often", "simulator_outages"),
     "live_stall_s": ("0", "live_stall_s"),
     "live_max_lag_s": ("0", "live_max_lag_s"),
+    "catalog_refresh_s": ("-1", "catalog_refresh_s"),
     "source_timeout_s": ("0", "source_timeout_s"),
     "unwatch_grace_s": ("-1", "unwatch_grace_s"),
     "log_level": ("verbose", "log_level"),

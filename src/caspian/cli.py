@@ -713,7 +713,12 @@ def products_import(
     ] = None,
     ccxt_id: Annotated[
         str | None,
-        typer.Option("--ccxt", help="Fetch markets live through ccxt, e.g. --ccxt KRAKEN."),
+        typer.Option(
+            "--ccxt",
+            help="Refresh from the exchanges' live market lists through ccxt: one code "
+            "(--ccxt KRAKEN), several comma-separated, or 'all' (every exchange ccxt "
+            "reaches). Delisted products are retired; expired ones are kept.",
+        ),
     ] = None,
     ccxt_url: Annotated[
         str | None,
@@ -726,21 +731,19 @@ def products_import(
 ) -> None:
     """Load products from ccxt market definitions; re-importing keeps createdTime."""
     from caspian.catalog.ccxt_markets import products_from_ccxt
-    from caspian.catalog.importer import fetch_ccxt_markets, markets_from_file, resolve_exchange
+    from caspian.catalog.importer import markets_from_file, resolve_exchange
 
     if (file is None) == (ccxt_id is None):
         raise _fail("give either --file PATH (with --exchange) or --ccxt EXCHANGE")
     if ccxt_url is not None and ccxt_id is None:
         raise _fail("--ccxt-url goes with --ccxt EXCHANGE")
+    if ccxt_id is not None:
+        _refresh_through_ccxt(ccxt_id, ccxt_url)
+        return
+    assert file is not None
     try:
-        if file is not None:
-            code = resolve_exchange(exchange, file.stem)
-            markets = markets_from_file(file)
-        else:
-            assert ccxt_id is not None
-            code = resolve_exchange(ccxt_id, None)
-            markets = asyncio.run(fetch_ccxt_markets(code, api_url=ccxt_url))
-        products = products_from_ccxt(code, markets)
+        code = resolve_exchange(exchange, file.stem)
+        products = products_from_ccxt(code, markets_from_file(file))
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     if not products:
@@ -755,6 +758,45 @@ def products_import(
 
     created, updated = _with_store(action)
     typer.echo(f"{code}: {created} products created, {updated} updated")
+
+
+def _refresh_through_ccxt(given: str, api_url: str | None) -> None:
+    """``products import --ccxt``: each exchange named refreshed on its own, one line each;
+    exit status 1 when any could not be."""
+    from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
+    from caspian.catalog.importer import resolve_exchange
+    from caspian.catalog.refresh import REFRESHABLE, Refreshed, ccxt_fetcher, refresh_exchanges
+    from caspian.sources.live.source import urls_from_env
+    from caspian.timefmt import now_us
+
+    names = [name.strip() for name in given.split(",") if name.strip()]
+    try:
+        if [name.lower() for name in names] == ["all"]:
+            codes = list(REFRESHABLE)
+        else:
+            codes = [resolve_exchange(name, None) for name in names]
+        if not codes:
+            raise ValueError("name the exchange with --ccxt CODE, or --ccxt all")
+        for code in codes:
+            if code not in CCXT_IDS:
+                raise ValueError(f"ccxt does not support {code}")
+        fetch = ccxt_fetcher(urls_from_env(), api_url=api_url)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    async def action(store: Any) -> dict[str, Refreshed | str]:
+        await store.seed_exchanges(EXCHANGES)
+        return await refresh_exchanges(store, codes, fetch, now_us())
+
+    failed = 0
+    for code, result in _with_store(action).items():
+        if isinstance(result, Refreshed):
+            typer.echo(result.summary())
+        else:
+            failed += 1
+            typer.echo(f"error: {code}: {result}", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @products_app.command("list")

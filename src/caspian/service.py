@@ -22,9 +22,17 @@ from caspian.bus.memory import MemoryBus
 from caspian.bus.nats import NatsBus
 from caspian.bus.nats_options import parse_servers, tls_context
 from caspian.catalog.builtin import builtin_products
+from caspian.catalog.ccxt_markets import parse_tick_rule
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
 from caspian.catalog.product import ProductSpec
+from caspian.catalog.refresh import (
+    REFRESHABLE,
+    Fetch,
+    Refreshed,
+    ccxt_fetcher,
+    refresh_exchanges,
+)
 from caspian.codes import MAINTENANCE_REASON, CloseCode, Stream, StreamState, SymbolType
 from caspian.events import StatusEvent
 from caspian.files import private_dir
@@ -37,6 +45,7 @@ from caspian.metrics import BUS_CONNECTED, count_tasks
 from caspian.rest.app import create_app
 from caspian.settings import Settings
 from caspian.sources.base import Source
+from caspian.sources.live.source import urls_from_env
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import SimProduct, Simulator
 from caspian.store import GatewayInfo, GatewaySync, SessionInfo, Store, StoreError
@@ -81,11 +90,21 @@ def sim_product(spec: ProductSpec) -> SimProduct:
         lot=float(spec.lot_size),
         strike=float(spec.strike) if spec.strike else None,
         call=call,
+        price_ccy=spec.price_currency,
+        tick_rule=tuple(parse_tick_rule(spec.tick_rule)),
+        expires_us=spec.expires_us,
     )
 
 
-def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]) -> Source | None:
-    """The configured source; None for ``none``, a gateway fed by another instance over NATS."""
+def make_source(
+    settings: Settings,
+    product: Callable[[str], ProductSpec | None],
+    clock: Callable[[], int] = now_us,
+) -> Source | None:
+    """The configured source; None for ``none``, a gateway fed by another instance over NATS.
+
+    ``clock`` is the simulator's: its event times and what has expired.
+    """
     kind = settings.source.partition(":")[0]
     if kind == "none":
         return None
@@ -100,6 +119,7 @@ def make_source(settings: Settings, product: Callable[[str], ProductSpec | None]
             seed=settings.simulator_seed,
             rate=settings.simulator_rate,
             outages=settings.simulator_outages,
+            clock=clock,
         )
     if kind == "replay":
         path = settings.source.partition(":")[2]
@@ -174,7 +194,9 @@ class Service:
             MaintenanceWindow.parse(settings.maintenance) if settings.maintenance else None
         )
         self.catalog = Catalog(())
-        self.source = make_source(settings, self.get)
+        #: The time in µs since the epoch by which products expire; tests move it.
+        self.clock: Callable[[], int] = now_us
+        self.source = make_source(settings, self.get, lambda: self.clock())
         self.bus = make_bus(settings, self.source)
         self.hub = Hub(self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s)
         self.bus.handler = self.hub.on_event
@@ -219,7 +241,11 @@ class Service:
 
     def _resolve(self, symbol: str, symbol_type: SymbolType) -> ProductSpec | str | None:
         product = self.catalog.resolve(symbol, symbol_type)
-        if product is None or self.source is None:
+        if product is None:
+            return None
+        if product.expired(self.clock()):
+            return f"{product.caspian_code} expired on {product.expire_date}: it is not streamed"
+        if self.source is None:
             return product
         return self.source.unserved(product.caspian_code) or product
 
@@ -289,6 +315,14 @@ class Service:
         if self.source is not None:
             self._tasks.append(
                 asyncio.create_task(self._run_source(self.source), name="caspian-source")
+            )
+        if self.settings.catalog_refresh_s > 0:
+            fetch = ccxt_fetcher(urls_from_env())
+            self._tasks.append(
+                asyncio.create_task(
+                    self._refresh_markets(self.settings.catalog_refresh_s, fetch),
+                    name="caspian-catalog-refresh",
+                )
             )
         if self.serves_clients:
             self.gateway.start()
@@ -376,6 +410,30 @@ class Service:
                 await self.reload_catalog()
             except StoreError as exc:
                 log.warning("could not reload the catalog: %s", exc)
+
+    async def _refresh_markets(self, every_s: float, fetch: Fetch) -> None:
+        """Every ``every_s``, from now on: each exchange's market list applied to the store
+        (:mod:`caspian.catalog.refresh`), then the catalog reloaded. Without network every
+        exchange fails and the catalog stays as it was, until the next attempt."""
+        while True:
+            try:
+                results = await refresh_exchanges(self.store, REFRESHABLE, fetch, self.clock())
+                await self.reload_catalog()
+            except StoreError as exc:
+                log.warning("could not refresh the catalog: %s", exc)
+            else:
+                done = [result for result in results.values() if isinstance(result, Refreshed)]
+                failed = [result for result in results.values() if isinstance(result, str)]
+                for result in done:
+                    log.info("catalog refresh: %s", result.summary())
+                if failed:
+                    log.warning(
+                        "catalog refresh: %d of %d exchanges not refreshed: %s",
+                        len(failed),
+                        len(results),
+                        "; ".join(failed),
+                    )
+            await asyncio.sleep(every_s)
 
     async def _watch_maintenance(self) -> None:
         """Closes every stream connection (1001) when a maintenance window begins."""

@@ -216,6 +216,13 @@ class Settings(BaseSettings):
         description="Live source: a symbol running this far behind the exchange's time "
         "stamps is marked disconnected until it catches up, then sent whole again.",
     )
+    catalog_refresh_s: float = Field(
+        0.0,
+        ge=0,
+        description="How often a running service refreshes its catalog from the "
+        "exchanges' market lists through ccxt (new listings added, delisted products "
+        "retired); 0: never.",
+    )
     source_timeout_s: float = Field(
         3.0,
         gt=0,

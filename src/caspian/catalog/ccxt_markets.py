@@ -14,11 +14,13 @@ Rules the ccxt data does not decide by itself:
   ``tick_size_steps`` (a coarser tick above a price) give more ranges
   (``,0.005,0.0001;0.005,,0.0005``), so do significant-digit prices (Bitfinex).
   ``tickSize`` is the finest tick of the rule, the grid every price is on.
-- **Underlying.** A derivative's ``underlyingCaspianCode`` is the FX code of its
-  base/quote on the same exchange (``PERP-BTC/USD=BITMEX`` ->
-  ``FX-BTC/USD=BITMEX``): it names the pair whose price the contract follows,
-  whether or not the exchange lists that pair as a spot market, so it does not
-  depend on which other markets were imported with it.
+- **Underlying.** A derivative's ``underlyingCaspianCode`` names a product of
+  the same exchange's markets that its price follows: the spot pair of its
+  base/quote (``FUT-BTC/USDT-2023DEC29=BINANCE`` -> ``FX-BTC/USDT=BINANCE``)
+  or, for a dated future or an option of an exchange with no such pair, the
+  perpetual of that base/quote (Deribit's options -> ``PERP-BTC/USD=DERIBIT``).
+  With neither it is absent: a code that answers 404 would tell clients less
+  than none (BitMEX's ``XBTUSD`` follows an index, not a market).
 - **Duplicates.** Caspian codes name base and quote but not the settlement
   currency, so a linear and an inverse contract can share one. The inverse one
   (settled in the base currency, as BitMEX's ``XBTUSD`` and the other contracts
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 from enum import IntEnum
@@ -148,7 +151,16 @@ def products_from_ccxt(
             continue
         kept[product.caspian_code] = product
         pseudo_codes.add(product.pseudo_code)
-    return list(kept.values())
+    return [_with_underlying(product, kept) for product in kept.values()]
+
+
+def _with_underlying(product: ProductSpec, kept: Mapping[str, ProductSpec]) -> ProductSpec:
+    if product.type == "FX":
+        return product
+    pair = f"{product.ccy_from}/{product.ccy_to}={product.exchange}"
+    candidates = [f"FX-{pair}"] + ([f"PERP-{pair}"] if product.type != "PERP" else [])
+    underlying = next((code for code in candidates if code in kept), None)
+    return replace(product, underlying_caspian_code=underlying)
 
 
 def _preference(market: dict[str, Any], product: ProductSpec) -> tuple[int, str]:
@@ -222,11 +234,6 @@ def _product(exchange: str, key: str, market: Any, mode: PrecisionMode) -> Produ
         expire_date=expire_date,
         last_trading_date=expire_date,
         strike=plain_decimal(strike) if strike is not None else None,
-        underlying_caspian_code=(
-            SymbolParts("FX", parts.base, parts.quote, exchange).caspian_code
-            if derivative
-            else None
-        ),
     )
 
 
@@ -253,6 +260,24 @@ def format_tick_rule(ranges: list[TickRange]) -> str:
         ",".join(plain_decimal(value) if value is not None else "" for value in one)
         for one in ranges
     )
+
+
+def parse_tick_rule(rule: str) -> list[TickRange]:
+    """The ranges of a ``tickRule`` string, the inverse of :func:`format_tick_rule`."""
+    ranges: list[TickRange] = []
+    for part in rule.split(";"):
+        try:
+            low, high, tick = part.split(",")
+            ranges.append(
+                (
+                    to_decimal(low) if low else None,
+                    to_decimal(high) if high else None,
+                    to_decimal(tick),
+                )
+            )
+        except ValueError:
+            raise ValueError(f"malformed tick rule {rule!r}") from None
+    return ranges
 
 
 def _tick_ranges(market: dict[str, Any], price: Any, mode: PrecisionMode) -> list[TickRange]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from caspian.catalog.exchanges import CCXT_FILES, CCXT_IDS, EXCHANGES
+from caspian.sources.live.source import merged
 
 _CODES = {code for _, code in EXCHANGES}
 # Old ids too, so that a file named after one (huobi.json) still says its exchange.
@@ -39,13 +41,14 @@ def markets_from_file(path: Path) -> dict[str, Any]:
 
 
 async def fetch_ccxt_markets(
-    code: str, urls: dict[str, Any] | None = None, api_url: str | None = None
+    code: str, urls: Mapping[str, Any] | None = None, api_url: str | None = None
 ) -> dict[str, Any]:
     """The exchange's markets through ccxt.
 
-    ``urls`` replaces ccxt's table of API addresses for the exchange; ``api_url`` sends
-    every API of the table to that one base address instead (a mirror, or a recording
-    served locally).
+    ``urls`` is merged into ccxt's ``urls`` of the exchange, in the layout of
+    ``CASPIAN_LIVE_URLS`` (CONTRACT.md section 7); ``api_url`` sends every API of
+    the table to that one base address instead (a mirror, or a recording served
+    locally).
     """
     import ccxt.async_support as ccxt_async
 
@@ -57,7 +60,7 @@ async def fetch_ccxt_markets(
         raise ValueError(f"the installed ccxt has no exchange {ccxt_id!r} for {code}")
     exchange = exchange_class({"enableRateLimit": False, "timeout": 15_000})
     if urls is not None:
-        exchange.urls["api"] = urls
+        exchange.urls = merged(exchange.urls, urls)
     if api_url is not None:
         table = exchange.urls["api"]
         base = api_url.rstrip("/")

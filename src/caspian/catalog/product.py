@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from caspian.catalog.currencies import normalize_currency
+from caspian.timefmt import parse_us
+
 #: Product types, the first part of a Caspian code.
 PRODUCT_TYPES = ("FX", "FUT", "PERP", "OPT")
 
@@ -35,6 +38,32 @@ class ProductSpec:
     last_trading_date: str | None = None
     strike: str | None = None
     underlying_caspian_code: str | None = None
+
+    @property
+    def expires_us(self) -> int | None:
+        """When the product stops trading, in µs since the epoch; None for undated ones."""
+        return parse_us(self.expire_date) if self.expire_date is not None else None
+
+    def expired(self, now_us: int) -> bool:
+        expires = self.expires_us
+        return expires is not None and now_us >= expires
+
+    @property
+    def price_currency(self) -> str:
+        """The currency the product's prices, tick and tick rule are in.
+
+        The quote currency, except for options settled in their base currency
+        (Deribit's and OKX's coin options): their premium is paid in the base,
+        so ``OPT-BTC/USD-...=DERIBIT`` trades at 0.0345 BTC, not at dollars.
+        ``nativeCode_v2`` is ccxt's unified symbol, ``BASE/QUOTE:SETTLE-...``.
+        """
+        if self.type != "OPT":
+            return self.ccy_to
+        _, colon, rest = self.native_code_v2.partition(":")
+        settle = rest.partition("-")[0]
+        if colon and settle and normalize_currency(settle) == self.ccy_from:
+            return self.ccy_from
+        return self.ccy_to
 
     def api_fields(self) -> dict[str, Any]:
         """The product's fields under their API names; absent ones left out."""

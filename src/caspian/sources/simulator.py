@@ -15,7 +15,15 @@ reproduced and tests can compare them.
 
 Prices are kept as integer numbers of ticks and sizes as integer numbers of
 lots, so every price is on the product's tick grid and every size on its lot
-grid, without float drift, however long the simulation runs.
+grid, without float drift, however long the simulation runs. Under a tick rule
+of several ranges (Deribit's options: 0.0001 below 0.005, 0.0005 above) the
+grid is one tick valid over the whole band the price may wander in, and the
+price stays inside that band. Prices are in the product's own price currency:
+an option settled in its base currency is priced in it (a Deribit BTC option
+at 0.0345 BTC, not at dollars).
+
+A dated product is simulated until it expires, judged by the simulator's
+clock: then its streams go ``disconnected`` for good and it is dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from caspian.catalog.ccxt_markets import TickRange
 from caspian.codes import Stream, StreamState
 from caspian.events import BookEvent, Event, Level, StatusEvent, TradeEvent
 from caspian.sources.base import EventSink, Source
@@ -120,6 +129,9 @@ OUTAGE_MEAN_INTERVAL_S = 300.0
 #: Length of an outage, in ticks.
 _OUTAGE_TICKS = (5, 40)
 _STREAMS = (Stream.BBO, Stream.TRADE, Stream.DEPTH)
+#: Under a tick rule, the start price's range is kept as the band only when its
+#: top leaves the price this much room to move up; else the next, coarser, one.
+_BAND_ROOM = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,12 @@ class SimProduct:
     lot: float
     strike: float | None = None
     call: bool | None = None
+    #: The currency prices are in when it is not ``ccy_to`` (an option's premium).
+    price_ccy: str | None = None
+    #: The ranges of the tick rule; empty: ``tick`` everywhere.
+    tick_rule: tuple[TickRange, ...] = ()
+    #: When a dated product stops trading, in µs since the epoch.
+    expires_us: int | None = None
 
 
 def usd_value(currency: str) -> float:
@@ -161,7 +179,7 @@ def option_value(spot: float, strike: float, call: bool, years: float, vol: floa
 
 
 def start_price(product: SimProduct, rng: random.Random) -> float:
-    """A plausible price in the quote currency, slightly different per symbol."""
+    """A plausible price in the product's price currency, slightly different per symbol."""
     spot = usd_value(product.ccy_from) / usd_value(product.ccy_to)
     # Venues never agree exactly; a small offset makes the same pair on two
     # exchanges look like two markets.
@@ -177,8 +195,89 @@ def start_price(product: SimProduct, rng: random.Random) -> float:
         value = option_value(spot, strike, call, rng.uniform(7, 120) / 365, rng.uniform(0.5, 0.9))
         # Far out of the money Black-Scholes is ~0, but a listed option never
         # trades for nothing.
-        return max(value, intrinsic) + spot * 0.0005
+        premium = max(value, intrinsic) + spot * 0.0005
+        if product.price_ccy is not None and product.price_ccy == product.ccy_from:
+            # Premium paid in the base: quote per contract over quote per base.
+            return premium / spot
+        return premium
     return spot
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The grid of one symbol's book and where its mid may go, in ticks of that grid."""
+
+    tick: float
+    mid: float
+    gap_lo: int
+    gap_hi: int
+    half_spread: float
+    #: Lowest bid and highest ask allowed (None: no bound above).
+    lowest: int
+    highest: int | None
+    log_floor: float
+    log_ceiling: float | None
+
+
+def _layout(tick: float, price: float, low: Decimal | None, high: Decimal | None) -> _Layout | None:
+    """The book's layout on a ``tick`` grid, prices in [low, high); None if it does not fit."""
+    mid = price / tick
+    spacing = max(1, round(mid * _LEVEL_SPACING))
+    gap_lo = max(1, spacing // 2)
+    gap_hi = spacing + spacing // 2
+    # The deepest side spans at most this many ticks from the mid.
+    span = (DEPTH_MAX + 2.0) * gap_hi + 2.0
+    lowest = max(1, math.ceil(float(low) / tick)) if low is not None else 1
+    # A floor under the mid leaves room for a full bid side at allowed prices
+    # even when the tick is coarse relative to the price.
+    floor = lowest + span
+    start = max(mid, 1.1 * floor)
+    highest: int | None = None
+    ceiling: float | None = None
+    if high is not None:
+        highest = math.ceil(float(high) / tick) - 1
+        ceiling = highest - span
+        if ceiling < start * _BAND_ROOM:
+            return None
+    return _Layout(
+        tick=tick,
+        mid=start,
+        gap_lo=gap_lo,
+        gap_hi=gap_hi,
+        half_spread=max(0.5, spacing / 2),
+        lowest=lowest,
+        highest=highest,
+        log_floor=math.log(floor),
+        log_ceiling=math.log(ceiling) if ceiling is not None else None,
+    )
+
+
+def choose_layout(product: SimProduct, price: float) -> _Layout:
+    """The finest grid the tick rule allows around ``price``, with room for the price to move.
+
+    A grid is valid where it is a multiple of the rule's tick; the band is the
+    run of ranges around the start price where it is. The start price's own
+    range is tried first, then coarser ones above it, until one leaves the
+    price room (:data:`_BAND_ROOM`) or no bound is left.
+    """
+    rule = product.tick_rule
+    if not rule:
+        found = _layout(product.tick, price, None, None)
+        assert found is not None
+        return found
+    start = next(
+        (i for i, (low, high, _) in enumerate(rule) if high is None or price < float(high)),
+        len(rule) - 1,
+    )
+    for index in range(start, len(rule)):
+        grid = rule[index][2]
+        valid = [grid % tick == 0 for _, _, tick in rule]
+        low = next((rule[i][1] for i in range(index - 1, -1, -1) if not valid[i]), None)
+        high = next((rule[i][0] for i in range(index + 1, len(rule)) if not valid[i]), None)
+        found = _layout(float(grid), price, low, high)
+        if found is not None:
+            return found
+    raise ValueError(f"{product.symbol}: no tick of its rule leaves room for a book")
 
 
 class _Side:
@@ -248,21 +347,19 @@ class SymbolSimulator:
         self._symbol = product.symbol
         self._rng = rng = random.Random(zlib.crc32(f"{seed}:{product.symbol}".encode()))
         self._outage_probability = outage_probability
-        self._tick = product.tick
+        layout = choose_layout(product, start_price(product, rng))
+        self._tick = layout.tick
         self._lot = product.lot
-        self._tick_decimals = _decimals(product.tick)
+        self._tick_decimals = _decimals(layout.tick)
         self._lot_decimals = _decimals(product.lot)
-
-        mid = start_price(product, rng) / product.tick
-        spacing = max(1, round(mid * _LEVEL_SPACING))
-        self._gap_lo = max(1, spacing // 2)
-        self._gap_hi = spacing + spacing // 2
-        self._half_spread = max(0.5, spacing / 2)
-        # A floor under the mid leaves room for a full bid side at positive
-        # prices even when the tick is coarse relative to the price.
-        floor = (DEPTH_MAX + 2.0) * self._gap_hi + 2.0
-        self._log_floor = math.log(floor)
-        self._log_mid = self._log_anchor = math.log(max(mid, 1.1 * floor))
+        self._gap_lo = layout.gap_lo
+        self._gap_hi = layout.gap_hi
+        self._half_spread = layout.half_spread
+        self._lowest = layout.lowest
+        self._highest = layout.highest
+        self._log_floor = layout.log_floor
+        self._log_ceiling = layout.log_ceiling
+        self._log_mid = self._log_anchor = math.log(layout.mid)
         self._calm_vol = _CALM_VOL * rng.uniform(0.7, 1.4)
         if product.kind == "OPT":
             self._calm_vol *= _OPTION_VOL_FACTOR
@@ -395,6 +492,8 @@ class SymbolSimulator:
         self._log_mid += move
         if self._log_mid < self._log_floor:
             self._log_mid = 2.0 * self._log_floor - self._log_mid
+        elif self._log_ceiling is not None and self._log_mid > self._log_ceiling:
+            self._log_mid = 2.0 * self._log_ceiling - self._log_mid
         self._trend = (move > 0) - (move < 0)
 
     def _follow_mid(self) -> None:
@@ -413,7 +512,7 @@ class SymbolSimulator:
         while (
             (top is None or key - top >= self._gap_lo)
             and len(fresh) < DEPTH_TARGET
-            and (side.sign < 0 or key > 0)
+            and self._allowed(side, key)
         ):
             fresh.append(key)
             key -= self._gap()
@@ -459,9 +558,9 @@ class SymbolSimulator:
         keys = side.keys
         if len(keys) < DEPTH_MIN:
             key = keys[0] - self._gap()
-            # Bid keys are prices: near the floor the far edge may run out of
-            # positive ones before the side is full.
-            while len(keys) < DEPTH_TARGET and (side.sign < 0 or key > 0):
+            # Near the floor or the ceiling the far edge may run out of allowed
+            # prices before the side is full.
+            while len(keys) < DEPTH_TARGET and self._allowed(side, key):
                 side.put(0, key, self._new_lots(1.5))
                 key -= self._gap()
         elif len(keys) > DEPTH_MAX:
@@ -469,6 +568,12 @@ class SymbolSimulator:
             for key in keys[:extra]:
                 side.forget(key)
             del keys[:extra]
+
+    def _allowed(self, side: _Side, key: int) -> bool:
+        """Whether a new level at ``key`` would be at a price the band allows."""
+        if side.sign > 0:
+            return key >= self._lowest
+        return self._highest is None or -key <= self._highest
 
     def _gap(self) -> int:
         return self._rng.randint(self._gap_lo, self._gap_hi)
@@ -526,7 +631,8 @@ class Simulator(Source):
     product, and the symbol is ignored). With ``outages``, each stream of a
     symbol now and then goes down for a few ticks; ``outage_probability`` is
     the chance per stream and tick, by default one outage per symbol every
-    :data:`OUTAGE_MEAN_INTERVAL_S` seconds on average.
+    :data:`OUTAGE_MEAN_INTERVAL_S` seconds on average. ``clock`` gives the time
+    in µs since the epoch: event times, and whether a dated product has expired.
     """
 
     def __init__(
@@ -536,12 +642,14 @@ class Simulator(Source):
         rate: float = 20.0,
         outages: bool = False,
         outage_probability: float | None = None,
+        clock: Callable[[], int] = now_us,
     ) -> None:
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"rate must be positive, not {rate}")
         if outage_probability is not None and not 0.0 <= outage_probability <= 1.0:
             raise ValueError(f"outage_probability must be in [0, 1], not {outage_probability}")
         self._lookup = lookup
+        self._clock = clock
         self._seed = seed
         self._rate = rate
         if not outages:
@@ -567,6 +675,9 @@ class Simulator(Source):
         product = self._lookup(symbol)
         if product is None:
             return
+        if _expired(product, self._clock()):
+            log.info("not simulating %s: it has expired", symbol)
+            return
         try:
             sim = SymbolSimulator(product, self._seed, self._outage_probability)
         except ValueError:
@@ -576,7 +687,7 @@ class Simulator(Source):
         if self._sink is not None:
             # Started at once, so that a new subscriber's first message already
             # holds the symbol's state: it says connected, as nothing is down.
-            self._start(symbol, sim, now_us(), self._sink)
+            self._start(symbol, sim, self._clock(), self._sink)
         else:
             self._pending[symbol] = sim
         _release(self._waiter)
@@ -622,7 +733,7 @@ class Simulator(Source):
                 self._waiter = None
 
     def _start_pending(self, sink: EventSink) -> None:
-        ts = now_us()
+        ts = self._clock()
         pending, self._pending = self._pending, {}
         for symbol, sim in pending.items():
             if self._symbols.get(symbol) is sim:
@@ -633,11 +744,28 @@ class Simulator(Source):
         _deliver(sim.start(ts), sink)
 
     def _tick(self, phase: dict[str, SymbolSimulator], sink: EventSink) -> None:
-        ts = now_us()
+        ts = self._clock()
         for symbol, sim in list(phase.items()):
             # The sink may unwatch symbols while we go through this phase.
-            if self._symbols.get(symbol) is sim:
+            if self._symbols.get(symbol) is not sim:
+                continue
+            if _expired(sim.product, ts):
+                self._expire(symbol, ts, sink)
+            else:
                 _deliver(sim.step(ts), sink)
+
+    def _expire(self, symbol: str, ts: int, sink: EventSink) -> None:
+        """The market closed: its streams go down for good and it is no longer ticked."""
+        log.info("%s has expired: no longer simulated", symbol)
+        self.unwatch(symbol)
+        _deliver(
+            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in _STREAMS],
+            sink,
+        )
+
+
+def _expired(product: SimProduct, ts: int) -> bool:
+    return product.expires_us is not None and ts >= product.expires_us
 
 
 def _release(waiter: asyncio.Future[None] | None) -> None:

@@ -14,7 +14,7 @@ import re
 import secrets
 import string
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -795,6 +795,20 @@ class Store:
                     row.updated_time = now
                     updated += 1
         return created, updated
+
+    async def delete_products(self, caspian_codes: Collection[str]) -> int:
+        """Remove the products of these codes (unknown ones are ignored); returns how many."""
+        if not caspian_codes:
+            return 0
+        async with self._session(write=True) as session:
+            rows = await session.scalars(
+                select(Product).where(Product.caspian_code.in_(caspian_codes))
+            )
+            removed = 0
+            for row in rows:
+                await session.delete(row)
+                removed += 1
+            return removed
 
     async def has_products(self, exchange: str) -> bool:
         async with self._session() as session:
