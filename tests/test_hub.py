@@ -70,26 +70,48 @@ events = st.lists(
         st.tuples(st.just("down"), st.just([]), st.just([])),
         st.tuples(st.just("up"), st.just([]), st.just([])),
         st.tuples(st.just("join"), st.just([]), st.just([])),
+        st.tuples(st.just("leave"), st.just([]), st.just([])),
+        st.tuples(st.just("tick"), st.just([]), st.just([])),
     ),
     max_size=40,
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(events=events, levels=st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def tick_all(hub: Hub) -> None:
+    """What the conflation timers would do next, without waiting for them."""
+    for interval in list(hub._dirty):
+        hub._tick(interval)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=events,
+    levels=st.lists(
+        st.tuples(st.integers(1, 12), st.sampled_from(["None", "None", "1s"])),
+        min_size=1,
+        max_size=4,
+    ),
+)
 def test_level2_invariant_holds_for_every_client(
     events: list[tuple[str, list[tuple[float, float]], list[tuple[float, float]]]],
-    levels: list[int],
+    levels: list[tuple[int, str]],
 ) -> None:
-    """Whatever happens upstream, each client's book is its group's top N of the hub's book."""
+    """Whatever happens upstream, each client's book is its group's top N of the hub's book.
+
+    Unconflated clients hold it after every event; conflated ones after
+    their next update. Clients joining and leaving change the deepest top
+    the hub follows level by level. While depth is down there is no book
+    to hold.
+    """
 
     async def run() -> None:
         hub, _, _ = make_hub()
-        clients: list[tuple[Recorder, int]] = []
-        for index, n in enumerate(levels):
+        clients: list[tuple[Recorder, int, Subscription]] = []
+        for index, (n, conflation) in enumerate(levels):
             recorder = Recorder()
-            hub.add(level2(n, request_id=f"r{index}"), recorder)
-            clients.append((recorder, n))
+            subscription = level2(n, conflation, request_id=f"r{index}")
+            hub.add(subscription, recorder)
+            clients.append((recorder, n, subscription))
         ts = 1
         for kind, bids, asks in events:
             ts += 1
@@ -101,14 +123,28 @@ def test_level2_invariant_holds_for_every_client(
             elif kind in ("down", "up"):
                 state = StreamState.DISCONNECTED if kind == "down" else StreamState.CONNECTED
                 hub.on_event(StatusEvent(SYMBOL, ts, Stream.DEPTH, state))
-            else:
+            elif kind == "join":
                 recorder = Recorder()
-                n = levels[ts % len(levels)]
-                hub.add(level2(n, request_id=f"late{ts}"), recorder)
-                clients.append((recorder, n))
-        book = hub.symbols[SYMBOL].book
-        for recorder, n in clients:
-            assert client_book(recorder.messages) == expected(book, n)
+                n, conflation = levels[ts % len(levels)]
+                subscription = level2(n, conflation, request_id=f"late{ts}")
+                hub.add(subscription, recorder)
+                clients.append((recorder, n, subscription))
+            elif kind == "leave" and len(clients) > 1:
+                leaving = clients.pop(ts % len(clients))
+                hub.remove(leaving[2])
+            elif kind == "tick":
+                tick_all(hub)
+            symbol = hub.symbols[SYMBOL]
+            # While depth is down a newcomer gets no book: there is none to trust.
+            if symbol.book_ready:
+                for recorder, n, subscription in clients:
+                    if subscription.interval is None:
+                        assert client_book(recorder.messages) == expected(symbol.book, n)
+        tick_all(hub)
+        symbol = hub.symbols[SYMBOL]
+        for recorder, n, _ in clients:
+            if symbol.book_ready:
+                assert client_book(recorder.messages) == expected(symbol.book, n)
             for message in recorder.messages:
                 assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
 

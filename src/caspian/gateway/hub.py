@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from caspian.book import EMPTY_VIEW, BookView, LevelChange, OrderBook, diff_views
+from caspian.book import LevelChange, OrderBook
 from caspian.codes import MessageType, Stream, StreamState, SubscriptionType
-from caspian.events import BookEvent, Event, QuoteEvent, StatusEvent, TradeEvent
+from caspian.events import BookEvent, Event, Level, QuoteEvent, StatusEvent, TradeEvent
 from caspian.gateway.session import Subscription
 from caspian.metrics import MESSAGES, SUBSCRIPTIONS
 from caspian.timefmt import format_us, now_us
@@ -67,6 +67,15 @@ class SymbolState:
         self._l1_tail: tuple[int, bytes] | None = None
         self.level2: dict[tuple[int, str], Level2Group] = {}
         self.level1: dict[str, Level1Group] = {}
+        #: The best levels Level1 last saw, as the book holds them.
+        self.best_bid: Level | None = None
+        self.best_ask: Level | None = None
+        #: The deepest top-N subscribed, at least 1 so that changes to the
+        #: best levels (Level1) are known too.
+        self.depth = 1
+
+    def level2_changed(self) -> None:
+        self.depth = max((group.levels for group in self.level2.values()), default=1)
 
     def empty(self) -> bool:
         return not self.level2 and not self.level1
@@ -138,40 +147,108 @@ class _Group:
 
 
 class Level2Group(_Group):
+    """Subscriptions to one top-N of a symbol with one conflation.
+
+    The group keeps its clients' copy of the book (the view last sent, as
+    ``price -> size`` per side) and the changes to the top since then, each
+    price's last state. An update is the net of the two, so a level that
+    changed and changed back is not sent, and unconflated delivery costs a
+    few dict operations per changed level, however deep the book.
+    """
+
     def __init__(self, state: SymbolState, levels: int, interval: float | None) -> None:
         super().__init__(state, interval)
         self.levels = levels
-        self.sent: BookView = state.book.top(levels) if state.book_ready else EMPTY_VIEW
+        self.bids: dict[float, float] = {}
+        self.asks: dict[float, float] = {}
+        self._bid_changes: dict[float, float] = {}
+        self._ask_changes: dict[float, float] = {}
         #: Set by a new snapshot: the next update carries the whole top-N.
         self.resync = False
-        self._snapshot_tail: tuple[BookView, bytes] | None = None
+        #: Set when the top changed in ways not known level by level: the
+        #: next update is computed from the book's top-N.
+        self.rescan = False
+        self._snapshot_tail: bytes | None = None
+        if state.book_ready:
+            view = state.book.top(levels)
+            self.bids = dict(view.bids)
+            self.asks = dict(view.asks)
+
+    def push(self, bids: list[Level], asks: list[Level]) -> None:
+        """Changes to this group's top-N, as :meth:`OrderBook.apply_diff_top` gives them."""
+        if bids:
+            self._bid_changes.update(bids)
+        if asks:
+            self._ask_changes.update(asks)
 
     def snapshot_tail(self) -> bytes:
         """The last sent view as one whole top-N message, for a newcomer."""
-        cached = self._snapshot_tail
-        if cached is not None and cached[0] is self.sent:
-            return cached[1]
-        tail = self.state.l2_tail(_whole(EMPTY_VIEW, self.sent))
-        self._snapshot_tail = (self.sent, tail)
-        return tail
+        if self._snapshot_tail is None:
+            changes: list[LevelChange] = [
+                (price, size, "bid") for price, size in sorted(self.bids.items(), reverse=True)
+            ]
+            changes += [(price, size, "ask") for price, size in sorted(self.asks.items())]
+            self._snapshot_tail = self.state.l2_tail(changes)
+        return self._snapshot_tail
 
     def flush(self) -> bool:
         self.dirty = False
-        view = self.state.book.top(self.levels)
-        if self.resync:
-            self.resync = False
-            changes = _whole(self.sent, view)
+        if self.resync or self.rescan:
+            changes = self._read_top(whole=self.resync)
+            self.resync = self.rescan = False
         else:
-            changes = diff_views(self.sent, view)
+            changes = _net(self.bids, self._bid_changes, "bid")
+            changes += _net(self.asks, self._ask_changes, "ask")
         if not changes:
             return False
-        self.sent = view
+        self._snapshot_tail = None
         self.fan_out(self.state.l2_tail(changes))
         return True
+
+    def _read_top(self, whole: bool) -> list[LevelChange]:
+        """The change from the sent view to the book's top-N, every level of it when ``whole``."""
+        self._bid_changes.clear()
+        self._ask_changes.clear()
+        view = self.state.book.top(self.levels)
+        changes = _replace(self.bids, view.bids, "bid", whole)
+        changes += _replace(self.asks, view.asks, "ask", whole)
+        self.bids = dict(view.bids)
+        self.asks = dict(view.asks)
+        return changes
 
     def send_status(self) -> None:
         """A depth status change goes out at once, with no levels."""
         self.fan_out(self.state.l2_tail(()))
+
+
+def _net(sent: dict[float, float], pending: dict[float, float], side: str) -> list[LevelChange]:
+    """Applies ``pending`` to ``sent``; the changes that made a difference."""
+    changes: list[LevelChange] = []
+    for price, size in pending.items():
+        if size > 0:
+            if sent.get(price) != size:
+                sent[price] = size
+                changes.append((price, size, side))
+        elif sent.pop(price, None) is not None:
+            changes.append((price, 0.0, side))
+    pending.clear()
+    return changes
+
+
+def _replace(
+    sent: dict[float, float], levels: tuple[Level, ...], side: str, whole: bool
+) -> list[LevelChange]:
+    """The changes from ``sent`` to ``levels``: every level when ``whole``, else those that differ.
+
+    Size 0 for each price of ``sent`` that ``levels`` lacks.
+    """
+    get = sent.get
+    changes: list[LevelChange] = [
+        (price, size, side) for price, size in levels if whole or get(price) != size
+    ]
+    kept = {price for price, _ in levels}
+    changes += [(price, 0.0, side) for price in sent if price not in kept]
+    return changes
 
 
 class Level1Group(_Group):
@@ -186,17 +263,6 @@ class Level1Group(_Group):
         self.sent_version = self.state.l1_version
         self.fan_out(self.state.l1_tail())
         return True
-
-
-def _whole(old: BookView, new: BookView) -> list[LevelChange]:
-    """Every level of ``new``, and size 0 for each level of ``old`` it no longer has."""
-    changes: list[LevelChange] = [(price, size, "bid") for price, size in new.bids]
-    changes += [(price, size, "ask") for price, size in new.asks]
-    bids = {price for price, _ in new.bids}
-    asks = {price for price, _ in new.asks}
-    changes += [(price, 0.0, "bid") for price, _ in old.bids if price not in bids]
-    changes += [(price, 0.0, "ask") for price, _ in old.asks if price not in asks]
-    return changes
 
 
 class Hub:
@@ -236,6 +302,7 @@ class Hub:
                 group2 = state.level2[key] = Level2Group(
                     state, subscription.levels, subscription.interval
                 )
+                state.level2_changed()
             group2.add(subscription, subscriber)
             subscriber.deliver(subscription.prefix, group2.snapshot_tail())
         else:
@@ -261,6 +328,7 @@ class Hub:
             if group2.remove(subscription):
                 group2.closed = True
                 del state.level2[key2]
+                state.level2_changed()
         else:
             group1 = state.level1.get(subscription.conflation)
             if group1 is None or subscription not in group1.members:
@@ -311,30 +379,51 @@ class Hub:
         return True
 
     def _on_book(self, state: SymbolState, event: BookEvent) -> None:
+        book = state.book
+        bids: list[Level] = []
+        asks: list[Level] = []
         if event.snapshot:
-            state.book.apply_snapshot(event.bids, event.asks)
+            book.apply_snapshot(event.bids, event.asks)
             state.book_ready = True
         elif state.book_ready:
-            state.book.apply_diff(event.bids, event.asks)
+            bids, asks = book.apply_diff_top(event.bids, event.asks, state.depth)
         else:
             return
         state.depth_ts = event.ts
         state.depth_exchange_ts = event.exchange_ts
         status_changed = self._set_stream(state, Stream.DEPTH, _CONNECTED)
-        if state.book.crossed():
+        if book.crossed():
             log.warning("crossed book for %s from the source", state.symbol)
+        top_changed = event.snapshot or bids or asks
         for group in state.level2.values():
             if event.snapshot:
                 group.resync = True
+            elif group.levels == state.depth:
+                group.push(bids, asks)
+            elif top_changed:
+                # A shallower top's changes cannot be told from the deepest
+                # one's: a level entering it may come from below.
+                group.rescan = True
             # Back with a whole book: that book goes out at once, whatever the
             # conflation, carrying the new status, rather than a "connected"
             # with no levels and the book an interval later.
             if status_changed and not (event.snapshot and group.flush()):
                 group.send_status()
-            self._changed(group)
-        if not state.quotes:
-            best_bid = state.book.best_bid()
-            best_ask = state.book.best_ask()
+            if top_changed:
+                self._changed(group)
+        if state.quotes or not (top_changed or state.streams[Stream.BBO] != _CONNECTED):
+            return
+        best_bid = book.best_bid()
+        best_ask = book.best_ask()
+        # The book keeps the source's level tuples as they are, so the same
+        # tuple is the same best level: most changes leave both in place.
+        if (
+            best_bid is not state.best_bid
+            or best_ask is not state.best_ask
+            or state.streams[Stream.BBO] != _CONNECTED
+        ):
+            state.best_bid = best_bid
+            state.best_ask = best_ask
             self._set_bbo(
                 state,
                 event,
