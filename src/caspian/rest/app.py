@@ -32,7 +32,7 @@ from caspian.codes import (
     RestErrorCode,
 )
 from caspian.pacing import LogThrottle
-from caspian.rest import openapi
+from caspian.rest import dashboard, openapi
 from caspian.rest.errors import ApiError, error_response, json_response
 from caspian.rest.index import LINKS, index_response
 from caspian.rest.middleware import BodyLimit, InFlightLimit, Maintenance
@@ -163,6 +163,8 @@ def create_app(
     @app.get("/v1", include_in_schema=False)
     async def index(request: Request) -> Response:
         return index_response(request, backend.proxies)
+
+    dashboard.mount(app, LINKS["dashboard"])
 
     @app.post("/v1/auth/authenticate", **openapi.AUTHENTICATE)
     async def authenticate(request: Request) -> Response:

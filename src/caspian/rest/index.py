@@ -26,6 +26,7 @@ from caspian.rest.errors import json_response
 
 #: The index's name for each path beside the API, in the order it lists them.
 LINKS = {
+    "dashboard": "/dashboard/",
     "docs": "/docs",
     "openapi": "/openapi.json",
     "metrics": "/metrics",
@@ -34,6 +35,7 @@ LINKS = {
 }
 
 _LINK_TITLES = {
+    "dashboard": "Web dashboard: live books in the browser",
     "docs": "Browsable API documentation",
     "openapi": "OpenAPI document",
     "metrics": "Prometheus metrics",
