@@ -212,10 +212,62 @@ async def test_events_wait_in_bounded_memory_while_the_snapshot_does_not_come(
             await asyncio.sleep(0.5)
             client = source._clients["BINANCE"][0]
             assert isinstance(client, binance_client.BinanceClient)
-            assert len(client._symbols["BTCUSDT"].buffer) == 50
+            assert len(client._connections[0].symbols["BTCUSDT"].buffer) == 50
             assert not collector.ready
             mock.snapshots_refused = False
             await mock.update(bids=[(98.5, 2.0)])
             await until(lambda: collector.all(StreamState.CONNECTED) and synced(collector, mock))
+    finally:
+        await mock.stop()
+
+
+
+class OneSymbol(Collector):
+    """A collector of SYMBOL's events; the other symbols' go to ``others``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.others: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        if event.symbol == SYMBOL:
+            super().__call__(event)
+        else:
+            self.others.append(event)
+
+
+async def test_symbols_past_a_connections_limit_open_another_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Binance allows 1,024 streams a connection: a symbol past the limit is not
+    dropped but carried by another connection (here the limit is one symbol),
+    which closes when its last symbol is released; the first goes on undisturbed."""
+    monkeypatch.setattr(binance_client, "MAX_SYMBOLS", 1)
+    mock = BinanceMock()
+    mock.set_book(BIDS, ASKS)
+    await mock.start()
+    collector = OneSymbol()
+    try:
+        async with watching(collector, mock) as source:
+            await until(lambda: synced(collector, mock))
+            assert len(mock.connections) == 1
+            # The mock serves BTCUSDT alone and refuses ETHUSDT's streams, on
+            # the second connection only.
+            source.watch("FX-ETH/USDT=BINANCE")
+            await until(lambda: len(mock.connections) == 2)
+            client = source._clients["BINANCE"][0]
+            assert isinstance(client, binance_client.BinanceClient)
+            assert [list(c.symbols) for c in client._connections] == [["BTCUSDT"], ["ETHUSDT"]]
+            assert any(e.symbol == "FX-ETH/USDT=BINANCE" for e in collector.others)
+            mark = len(collector.events)
+            await mock.update(bids=[(98.5, 2.0)])
+            await until(lambda: synced(collector, mock) and len(collector.events) > mark)
+            source.unwatch("FX-ETH/USDT=BINANCE")
+            await until(lambda: len(mock.connections) == 1)
+            assert [list(c.symbols) for c in client._connections] == [["BTCUSDT"]]
+            assert mock.subscribes["depth"] == 1
+            assert not went_down(collector, 0)
+            await mock.update(bids=[(98.0, 3.0)])
+            await until(lambda: synced(collector, mock))
     finally:
         await mock.stop()

@@ -1,7 +1,9 @@
 """Binance spot through Caspian's own client: diff depth after a REST snapshot.
 
-One WebSocket connection carries every watched spot symbol: symbols are
-subscribed and unsubscribed on it as they are watched and released
+One WebSocket connection carries up to 512 watched spot symbols (Binance
+allows 1,024 streams a connection, a symbol takes two), and more symbols
+open more connections; symbols are subscribed and unsubscribed on a
+connection as they are watched and released
 (``SUBSCRIBE``/``UNSUBSCRIBE`` of ``<symbol>@depth@100ms`` and
 ``<symbol>@trade`` on the raw-stream endpoint). A symbol's book is synced as
 Binance documents it: its diff events are buffered while the REST snapshot
@@ -124,26 +126,21 @@ class _Symbol:
 
 
 class BinanceClient:
-    """Every watched Binance symbol: spot on one shared connection, derivatives through ccxt."""
+    """Every watched Binance symbol: spot on shared connections, derivatives through ccxt."""
 
     def __init__(self, source: LiveSource, code: str) -> None:
-        self._source = source
+        self.source = source
         self._code = code
         urls = merged(_URLS, source.urls.get(code, {}))
-        self._ws_url: str = urls["api"]["ws"]["spot"]
+        self.ws_url: str = urls["api"]["ws"]["spot"]
         self._rest_url: str = urls["api"]["public"].rstrip("/")
-        #: Spot symbols by Binance's id (BTCUSDT), the key of its messages.
-        self._symbols: dict[str, _Symbol] = {}
-        self._by_code: dict[str, _Symbol] = {}
-        self._control: asyncio.Queue[tuple[str, tuple[str, ...]]] = asyncio.Queue()
-        self._ws: ClientConnection | None = None
+        #: Spot connections, each carrying at most MAX_SYMBOLS symbols.
+        self._connections: list[_SpotConnection] = []
+        self._by_code: dict[str, _SpotConnection] = {}
+        self._tasks: dict[_SpotConnection, asyncio.Task[None]] = {}
+        self._running = False
         self._http: aiohttp.ClientSession | None = None
         self._snapshots = asyncio.Semaphore(_SNAPSHOTS_AT_ONCE)
-        self._last_message = 0.0
-        self._connected_at: float | None = None
-        #: Whether the last event read was within the lag bound.
-        self._current = True
-        self._last_complaint = 0.0
         self._derivatives: SymbolSessions | None = None
         self._derivatives_task: asyncio.Task[None] | None = None
 
@@ -153,30 +150,117 @@ class BinanceClient:
         if spec.type != "FX":
             self._derivative_sessions().watch(feed, spec)
             return
-        if len(self._symbols) >= MAX_SYMBOLS:
-            log.error(
-                "not streaming %s: one Binance connection carries %d symbols at most",
-                spec.caspian_code,
-                MAX_SYMBOLS,
-            )
-            return
-        symbol = _Symbol(feed, spec.native_code.replace("/", "").upper())
-        self._symbols[symbol.market_id] = symbol
-        self._by_code[spec.caspian_code] = symbol
-        if self._ws is not None:
-            self._control.put_nowait(("SUBSCRIBE", symbol.streams))
+        connection = next((c for c in self._connections if len(c.symbols) < MAX_SYMBOLS), None)
+        if connection is None:
+            connection = _SpotConnection(self, len(self._connections) + 1)
+            self._connections.append(connection)
+            if self._running:
+                self._start(connection)
+        self._by_code[spec.caspian_code] = connection
+        connection.add(_Symbol(feed, spec.native_code.replace("/", "").upper()))
 
     def unwatch(self, symbol: str) -> None:
-        state = self._by_code.pop(symbol, None)
-        if state is None:
+        connection = self._by_code.pop(symbol, None)
+        if connection is None:
             if self._derivatives is not None:
                 self._derivatives.unwatch(symbol)
             return
-        self._symbols.pop(state.market_id, None)
-        if state.snapshot_task is not None:
-            state.snapshot_task.cancel()
+        connection.remove(symbol)
+        if not connection.symbols:
+            # An idle connection is closed rather than kept: the next symbol
+            # watched fills the first connection with room, or opens one.
+            self._connections.remove(connection)
+            task = self._tasks.pop(connection, None)
+            if task is not None:
+                task.cancel()
+
+    async def run(self) -> None:
+        self._running = True
+        for connection in self._connections:
+            self._start(connection)
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self._running = False
+            tasks = [*self._tasks.values()]
+            if self._derivatives_task is not None:
+                tasks.append(self._derivatives_task)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._http is not None:
+                await self._http.close()
+
+    def _start(self, connection: _SpotConnection) -> None:
+        self._tasks[connection] = asyncio.create_task(connection.run())
+
+    def _derivative_sessions(self) -> SymbolSessions:
+        if self._derivatives is None:
+            from caspian.sources.live.ccxt_pro import SymbolSessions
+
+            self._derivatives = SymbolSessions(self.source, self._code, DERIVATIVES)
+            self._derivatives_task = asyncio.create_task(self._derivatives.run())
+        return self._derivatives
+
+    # -- REST snapshots, shared by the connections ------------------------------
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._http
+
+    async def fetch(self, market_id: str) -> tuple[int, list[Level], list[Level]]:
+        """The REST snapshot: its last update id and its levels; ValueError if unreadable.
+
+        At most a few are fetched at once, so that a reconnect of many
+        symbols does not spend the address's request weight in one burst.
+        """
+        url = f"{self._rest_url}/depth"
+        params = {"symbol": market_id, "limit": str(SNAPSHOT_LEVELS)}
+        async with self._snapshots, self.http.get(url, params=params) as response:
+            response.raise_for_status()
+            book = orjson.loads(await response.read())
+        try:
+            return int(book["lastUpdateId"]), _levels(book["bids"]), _levels(book["asks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a depth snapshot ({exc!r}): {str(book)[:200]}") from None
+
+
+class _SpotConnection:
+    """One WebSocket to Binance's raw-stream endpoint and the symbols it carries."""
+
+    def __init__(self, client: BinanceClient, number: int) -> None:
+        self._client = client
+        self._source = client.source
+        #: Which of the client's connections this is, for the log.
+        self.number = number
+        #: Its symbols by Binance's id (BTCUSDT), the key of its messages.
+        self.symbols: dict[str, _Symbol] = {}
+        self._by_code: dict[str, _Symbol] = {}
+        self._control: asyncio.Queue[tuple[str, tuple[str, ...]]] = asyncio.Queue()
+        self._ws: ClientConnection | None = None
+        self._last_message = 0.0
+        self._connected_at: float | None = None
+        #: Whether the last event read was within the lag bound.
+        self._current = True
+        self._last_complaint = 0.0
+
+    def add(self, symbol: _Symbol) -> None:
+        self.symbols[symbol.market_id] = symbol
+        self._by_code[symbol.feed.symbol] = symbol
         if self._ws is not None:
-            self._control.put_nowait(("UNSUBSCRIBE", state.streams))
+            self._control.put_nowait(("SUBSCRIBE", symbol.streams))
+
+    def remove(self, code: str) -> None:
+        symbol = self._by_code.pop(code, None)
+        if symbol is None:
+            return
+        self.symbols.pop(symbol.market_id, None)
+        if symbol.snapshot_task is not None:
+            symbol.snapshot_task.cancel()
+        if self._ws is not None:
+            self._control.put_nowait(("UNSUBSCRIBE", symbol.streams))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -196,36 +280,21 @@ class BinanceClient:
                     self._down("error", exc, traceback=True)
                 connected = self._connected_at
                 await backoff.wait(0.0 if connected is None else loop.time() - connected)
-                for symbol in self._symbols.values():
+                for symbol in self.symbols.values():
                     symbol.feed.reconnecting()
         finally:
-            if self._derivatives_task is not None:
-                self._derivatives_task.cancel()
-                await asyncio.gather(self._derivatives_task, return_exceptions=True)
-            for symbol in self._symbols.values():
+            for symbol in self.symbols.values():
                 if symbol.snapshot_task is not None:
                     symbol.snapshot_task.cancel()
-            if self._http is not None:
-                await self._http.close()
-
-    def _derivative_sessions(self) -> SymbolSessions:
-        if self._derivatives is None:
-            from caspian.sources.live.ccxt_pro import SymbolSessions
-
-            self._derivatives = SymbolSessions(self._source, self._code, DERIVATIVES)
-            self._derivatives_task = asyncio.create_task(self._derivatives.run())
-        return self._derivatives
 
     # -- the connection ----------------------------------------------------------
 
     async def _connection(self) -> None:
         """Streams until the connection fails, which it raises."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         # Whatever was queued for the last connection is in the full subscribe below.
         self._control = asyncio.Queue()
         async with connect(
-            self._ws_url, ping_interval=None, close_timeout=1.0, max_size=2**24
+            self._client.ws_url, ping_interval=None, close_timeout=1.0, max_size=2**24
         ) as ws:
             self._ws = ws
             self._connected_at = asyncio.get_running_loop().time()
@@ -238,7 +307,7 @@ class BinanceClient:
                 asyncio.create_task(watchdog(self._source, lambda: self._last_message, self._tick))
             )
             try:
-                streams = tuple(s for symbol in self._symbols.values() for s in symbol.streams)
+                streams = tuple(s for symbol in self.symbols.values() for s in symbol.streams)
                 if streams:
                     self._control.put_nowait(("SUBSCRIBE", streams))
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -249,7 +318,7 @@ class BinanceClient:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for symbol in self._symbols.values():
+                for symbol in self.symbols.values():
                     if symbol.snapshot_task is not None:
                         symbol.snapshot_task.cancel()
                         symbol.snapshot_task = None
@@ -274,13 +343,13 @@ class BinanceClient:
             name, _, kind = stream.partition("@")
             if not kind.startswith("depth"):
                 continue
-            symbol = self._symbols.get(name.upper())
+            symbol = self.symbols.get(name.upper())
             if symbol is not None:
                 self._resync(symbol)
 
     async def _read(self, ws: ClientConnection) -> None:
         loop = asyncio.get_running_loop()
-        symbols = self._symbols
+        symbols = self.symbols
         count = 0
         async for raw in ws:
             self._last_message = loop.time()
@@ -322,7 +391,7 @@ class BinanceClient:
         """Events go through the connection in order: once it is drained, or the last
         event read was current, every symbol held back for lag is current too."""
         if silent >= DRAINED_S or self._current:
-            for symbol in self._symbols.values():
+            for symbol in self.symbols.values():
                 symbol.feed.drained()
 
     # -- books and trades --------------------------------------------------------
@@ -370,12 +439,10 @@ class BinanceClient:
 
     async def _snapshot(self, symbol: _Symbol) -> None:
         """Fetches the REST snapshot and lines the buffered events up behind it."""
-        assert self._http is not None
         delay = self._source.backoff_initial_s
         while symbol.last_update is None:
             try:
-                async with self._snapshots:
-                    last, bids, asks = await self._fetch(symbol.market_id)
+                last, bids, asks = await self._client.fetch(symbol.market_id)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("Binance %s: no snapshot (%s), retrying", symbol.market_id, exc)
                 await asyncio.sleep(delay)
@@ -400,21 +467,8 @@ class BinanceClient:
             for event in pending:
                 self._depth(symbol, event)
 
-    async def _fetch(self, market_id: str) -> tuple[int, list[Level], list[Level]]:
-        """The REST snapshot: its last update id and its levels; ValueError if unreadable."""
-        assert self._http is not None
-        url = f"{self._rest_url}/depth"
-        params = {"symbol": market_id, "limit": str(SNAPSHOT_LEVELS)}
-        async with self._http.get(url, params=params) as response:
-            response.raise_for_status()
-            book = orjson.loads(await response.read())
-        try:
-            return int(book["lastUpdateId"]), _levels(book["bids"]), _levels(book["asks"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a depth snapshot ({exc!r}): {str(book)[:200]}") from None
-
     def _down(self, reason: str, cause: BaseException, *, traceback: bool = False) -> None:
-        for symbol in self._symbols.values():
+        for symbol in self.symbols.values():
             symbol.buffer = []
             symbol.last_update = None
             symbol.feed.down(reason, cause, traceback=traceback)
