@@ -14,9 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,12 @@ from caspian.catalog.importer import fetch_ccxt_markets
 from caspian.settings import Settings
 from caspian.store import GatewayInfo, SessionInfo, Store
 from tests.support.cli import caspian, cli_env, fails, ok
+from tests.support.kraken import RecordedExchange, recorded_kraken
 from tests.support.running import Started
 from tests.support.service import start_service
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "caspian"
 KRAKEN_MARKETS = SRC / "catalog" / "data" / "ccxt" / "kraken.json"
-KRAKEN_RECORDING = Path(__file__).resolve().parent / "fixtures" / "kraken"
 KEY_ID = re.compile(r"[A-Z0-9]{20}")
 PRODUCT_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated$")
 REFRESH_COUNTS = re.compile(r"^KRAKEN: (\d+) products created, (\d+) updated, (\d+) retired$")
@@ -238,47 +236,10 @@ def test_import_from_a_file_keeps_created_time(data_dir: Path, tmp_path: Path) -
     assert set(second) == set(first)
 
 
-@dataclass
-class RecordedExchange:
-    """Kraken's public REST API played back from recorded answers, over real HTTP."""
-
-    url: str
-    requested: list[str]
-    answers: dict[str, tuple[int, bytes]]
-
-
 @pytest.fixture
 def kraken() -> Iterator[RecordedExchange]:
-    answers = {
-        f"/0/public/{path.stem}": (200, path.read_bytes())
-        for path in KRAKEN_RECORDING.glob("*.json")
-    }
-    requested: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requested.append(self.path)
-            status, body = answers.get(
-                self.path.partition("?")[0], (404, b'{"error":["EGeneral:Unknown method"]}')
-            )
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield RecordedExchange(f"http://127.0.0.1:{server.server_address[1]}", requested, answers)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with recorded_kraken() as exchange:
+        yield exchange
 
 
 async def test_ccxt_loads_kraken_markets_from_the_recording(kraken: RecordedExchange) -> None:

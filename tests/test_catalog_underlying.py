@@ -1,0 +1,88 @@
+"""Every ``underlyingCaspianCode`` names a product of the catalog, or is absent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caspian.catalog.builtin import builtin_products
+from caspian.catalog.ccxt_markets import products_from_ccxt
+
+
+def market(symbol: str, kind: str, **fields: Any) -> dict[str, Any]:
+    pair, _, rest = symbol.partition(":")
+    base, quote = pair.split("/")
+    values: dict[str, Any] = {
+        "id": symbol,
+        "symbol": symbol,
+        "base": base,
+        "quote": quote,
+        "settle": rest.partition("-")[0] or None,
+        "type": kind,
+        "active": True,
+        "contractSize": 1,
+        "precision": {"amount": 0.1, "price": 0.5},
+    }
+    return values | fields
+
+
+PERP = market("BTC/USD:BTC", "swap")
+SPOT = market("BTC/USD", "spot")
+OPTION = market(
+    "BTC/USD:BTC-300125-60000-C",
+    "option",
+    expiry=1_895_558_400_000,
+    strike=60_000,
+    optionType="call",
+)
+FUTURE = market("BTC/USD:BTC-300125", "future", expiry=1_895_558_400_000)
+
+
+def test_every_underlying_of_the_builtin_catalog_is_a_product_of_it() -> None:
+    products = builtin_products()
+    codes = {product.caspian_code for product in products}
+    dangling = [
+        (product.caspian_code, product.underlying_caspian_code)
+        for product in products
+        if product.underlying_caspian_code is not None
+        and product.underlying_caspian_code not in codes
+    ]
+    assert dangling == []
+    for product in products:
+        pair = f"FX-{product.ccy_from}/{product.ccy_to}={product.exchange}"
+        if product.type != "FX" and pair in codes:
+            assert product.underlying_caspian_code == pair, product
+    # Most derivatives have one: the rule is not "always absent".
+    derivatives = [product for product in products if product.type != "FX"]
+    named = [product for product in derivatives if product.underlying_caspian_code]
+    assert len(named) > len(derivatives) * 3 // 4
+
+
+def test_the_spot_pair_comes_first() -> None:
+    found = {
+        p.caspian_code: p.underlying_caspian_code
+        for p in products_from_ccxt("DERIBIT", {"a": SPOT, "b": PERP, "c": OPTION, "d": FUTURE})
+    }
+    assert found == {
+        "FX-BTC/USD=DERIBIT": None,
+        "PERP-BTC/USD=DERIBIT": "FX-BTC/USD=DERIBIT",
+        "OPT-BTC/USD-2030JAN25-60000-C=DERIBIT": "FX-BTC/USD=DERIBIT",
+        "FUT-BTC/USD-2030JAN25=DERIBIT": "FX-BTC/USD=DERIBIT",
+    }
+
+
+def test_without_a_spot_pair_dated_products_follow_the_perpetual() -> None:
+    found = {
+        p.caspian_code: p.underlying_caspian_code
+        for p in products_from_ccxt("DERIBIT", {"b": PERP, "c": OPTION, "d": FUTURE})
+    }
+    assert found == {
+        "PERP-BTC/USD=DERIBIT": None,
+        "OPT-BTC/USD-2030JAN25-60000-C=DERIBIT": "PERP-BTC/USD=DERIBIT",
+        "FUT-BTC/USD-2030JAN25=DERIBIT": "PERP-BTC/USD=DERIBIT",
+    }
+
+
+def test_with_neither_it_is_absent() -> None:
+    [option] = products_from_ccxt("DERIBIT", {"c": OPTION})
+    assert option.underlying_caspian_code is None
+    assert "underlyingCaspianCode" not in option.api_fields()
