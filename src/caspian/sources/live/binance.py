@@ -275,7 +275,8 @@ class _SpotConnection:
                 except IntegrityError as exc:
                     self._down(exc.reason, exc)
                 except (OSError, WebSocketException, aiohttp.ClientError, TimeoutError) as exc:
-                    self._down("disconnect", exc)
+                    # The socket's own errors do not say which address failed.
+                    self._down("disconnect", f"{self._client.ws_url}: {str(exc) or repr(exc)}")
                 except Exception as exc:
                     self._down("error", exc, traceback=True)
                 connected = self._connected_at
@@ -467,7 +468,7 @@ class _SpotConnection:
             for event in pending:
                 self._depth(symbol, event)
 
-    def _down(self, reason: str, cause: BaseException, *, traceback: bool = False) -> None:
+    def _down(self, reason: str, cause: BaseException | str, *, traceback: bool = False) -> None:
         for symbol in self.symbols.values():
             symbol.buffer = []
             symbol.last_update = None
