@@ -85,6 +85,10 @@ async def test_expired_products_stay_when_the_exchange_drops_them(store: Store) 
     assert await codes(store, "BINANCE") == {"FX-BTC/USDT=BINANCE", BINANCE_FUTURE, BINANCE_OPTION}
     future = await store.product(BINANCE_FUTURE)
     assert future is not None and future.spec.expire_date == "2023-12-29T08:00:00.000000"
+    assert future.spec.underlying_caspian_code == "FX-BTC/USDT=BINANCE"
+    # The option's pair (and perpetual) were retired: it names no underlying any more.
+    option = await store.product(BINANCE_OPTION)
+    assert option is not None and option.spec.underlying_caspian_code is None
 
 
 async def test_a_product_dropped_before_its_expiry_is_retired(store: Store) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from caspian.catalog.builtin import builtin_products
-from caspian.catalog.ccxt_markets import products_from_ccxt
+from caspian.catalog.ccxt_markets import products_from_ccxt, repair_underlyings
+from caspian.service import seed_reference_data
+from caspian.store import Store
 
 
 def market(symbol: str, kind: str, **fields: Any) -> dict[str, Any]:
@@ -86,3 +90,34 @@ def test_with_neither_it_is_absent() -> None:
     [option] = products_from_ccxt("DERIBIT", {"c": OPTION})
     assert option.underlying_caspian_code is None
     assert "underlyingCaspianCode" not in option.api_fields()
+
+
+def test_repair_points_dangling_underlyings_at_what_is_listed() -> None:
+    perp, option, future = products_from_ccxt("DERIBIT", {"b": PERP, "c": OPTION, "d": FUTURE})
+    # As catalogs made before the rule had them: the spot pair, listed or not.
+    old = [replace(p, underlying_caspian_code="FX-BTC/USD=DERIBIT") for p in (perp, option)]
+    assert repair_underlyings([*old, future]) == [perp, option]
+    assert repair_underlyings([perp, option, future]) == []
+
+
+async def test_a_store_seeded_before_the_rule_is_repaired(tmp_path: Path) -> None:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'caspian.db'}")
+    try:
+        await store.upgrade()
+        await seed_reference_data(store)
+        code = "PERP-BTC/USD=BITMEX"
+        record = await store.product(code)
+        assert record is not None and record.spec.underlying_caspian_code is None
+        await store.upsert_products(
+            [replace(record.spec, underlying_caspian_code="FX-BTC/USD=BITMEX")]
+        )
+        await seed_reference_data(store)
+        repaired = await store.product(code)
+        assert repaired is not None and repaired.spec.underlying_caspian_code is None
+        codes = {record.spec.caspian_code for record in await store.products()}
+        assert all(
+            record.spec.underlying_caspian_code in codes | {None}
+            for record in await store.products()
+        )
+    finally:
+        await store.close()

@@ -22,7 +22,7 @@ from caspian.bus.memory import MemoryBus
 from caspian.bus.nats import NatsBus
 from caspian.bus.nats_options import parse_servers, tls_context
 from caspian.catalog.builtin import builtin_products
-from caspian.catalog.ccxt_markets import parse_tick_rule
+from caspian.catalog.ccxt_markets import parse_tick_rule, repair_underlyings
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
 from caspian.catalog.product import ProductSpec
@@ -67,7 +67,8 @@ READY_STORE_TIMEOUT_S = 1.0
 
 
 async def seed_reference_data(store: Store) -> None:
-    """The 22 exchanges, and the built-in products of every exchange that has none."""
+    """The 22 exchanges, the built-in products of every exchange that has none, and every
+    ``underlyingCaspianCode`` naming a product the store has (see ``repair_underlyings``)."""
     await store.seed_exchanges(EXCHANGES)
     by_exchange: dict[str, list[ProductSpec]] = {}
     for product in builtin_products():
@@ -75,6 +76,8 @@ async def seed_reference_data(store: Store) -> None:
     for exchange, products in by_exchange.items():
         if not await store.has_products(exchange):
             await store.upsert_products(products)
+    if repaired := repair_underlyings(record.spec for record in await store.products()):
+        await store.upsert_products(repaired)
 
 
 def sim_product(spec: ProductSpec) -> SimProduct:

@@ -37,7 +37,7 @@ Rules the ccxt data does not decide by itself:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -154,13 +154,30 @@ def products_from_ccxt(
     return [_with_underlying(product, kept) for product in kept.values()]
 
 
-def _with_underlying(product: ProductSpec, kept: Mapping[str, ProductSpec]) -> ProductSpec:
+def _with_underlying(product: ProductSpec, codes: Container[str]) -> ProductSpec:
     if product.type == "FX":
         return product
     pair = f"{product.ccy_from}/{product.ccy_to}={product.exchange}"
     candidates = [f"FX-{pair}"] + ([f"PERP-{pair}"] if product.type != "PERP" else [])
-    underlying = next((code for code in candidates if code in kept), None)
+    underlying = next((code for code in candidates if code in codes), None)
     return replace(product, underlying_caspian_code=underlying)
+
+
+def repair_underlyings(products: Iterable[ProductSpec]) -> list[ProductSpec]:
+    """The products whose ``underlyingCaspianCode`` names none of ``products``, with the
+    underlying the rule gives among them instead.
+
+    For catalogs made before the rule (they named the spot pair whether listed or
+    not), and for expired products a refresh keeps after their pair was retired.
+    """
+    every = list(products)
+    codes = {product.caspian_code for product in every}
+    return [
+        _with_underlying(product, codes)
+        for product in every
+        if product.underlying_caspian_code is not None
+        and product.underlying_caspian_code not in codes
+    ]
 
 
 def _preference(market: dict[str, Any], product: ProductSpec) -> tuple[int, str]:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from caspian.catalog.ccxt_markets import products_from_ccxt
+from caspian.catalog.ccxt_markets import products_from_ccxt, repair_underlyings
 from caspian.catalog.exchanges import CCXT_IDS, EXCHANGES
 from caspian.catalog.importer import fetch_ccxt_markets
 from caspian.store import Store
@@ -84,6 +84,9 @@ async def apply_markets(
         if record.spec.caspian_code not in listed and not record.spec.expired(now_us)
     )
     await store.delete_products(retired)
+    kept = [record.spec for record in await store.products([code])]
+    if repaired := repair_underlyings(kept):
+        await store.upsert_products(repaired)
     return Refreshed(code, created, updated, retired)
 
 
