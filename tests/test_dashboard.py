@@ -101,6 +101,8 @@ class Served:
                 "CASPIAN_TOKEN_TTL_S": str(TOKEN_TTL_S),
                 "CASPIAN_LOG_LEVEL": "warning",
                 "CASPIAN_MAINTENANCE": "off",
+                # Sessions ended on the server close within a second.
+                "CASPIAN_RECHECK_S": "1",
             },
         )
 
@@ -443,4 +445,42 @@ async def test_ladders_follow_the_stream_through_token_expiry_and_a_restart(
     while await subscriptions(served) != {"Level1": 1, "Level2": 1}:
         assert time.monotonic() < deadline, await subscriptions(served)
         await asyncio.sleep(0.1)
+    assert problems.seen == []
+
+
+async def test_a_session_ended_on_the_server_logs_in_again_and_resubscribes(
+    served: Served, browser: Browser
+) -> None:
+    """3003 leaves the page's token refused (3001 from then on): it logs in anew with
+    the key it holds, reconnects, and the book starts again whole."""
+    page = await browser.new_page()
+    problems = Problems(page)
+    await sign_in_with_key(page, served)
+    await watch(page, "GEMINI", SYMBOL, "250ms")
+    await until(page, "() => document.querySelector('.panel').dataset.whole === 'true'")
+
+    def sessions() -> list[dict[str, Any]]:
+        rows = orjson.loads(ok(served.data_dir, "sessions", "list", "--json"))
+        return [row for row in rows if row["accessKeyID"] == served.key["accessKeyID"]]
+
+    deadline = time.monotonic() + 30
+    while len(listed := await asyncio.to_thread(sessions)) != 1:
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.5)
+    await asyncio.to_thread(ok, served.data_dir, "sessions", "end", listed[0]["id"])
+
+    closed = await until(
+        page,
+        "() => { const text = document.querySelector('#connection').textContent;"
+        " return text.startsWith('closed 3003') && text; }",
+    )
+    assert "reconnecting in" in closed
+    await until(page, "() => document.querySelector('#status').dataset.reconnects === '1'")
+    assert (await status(page))["state"] == "open"
+    await until(page, "() => document.querySelector('.panel').dataset.whole === 'true'")
+    # A new session, not the ended one.
+    while [row["id"] for row in await asyncio.to_thread(sessions)] in ([], [listed[0]["id"]]):
+        assert time.monotonic() < deadline + 30
+        await asyncio.sleep(0.5)
+    assert len(await asyncio.to_thread(sessions)) == 1
     assert problems.seen == []

@@ -22,11 +22,11 @@ function clock(timestamp) {
 // the ladder and the depth chart.
 class Panel {
   constructor(product, levels, conflation) {
-    this.product = product;
     this.book = new Book();
     this.level1 = {};
     this.messages = 0;
     this.rateStart = performance.now();
+    this.rateTimer = setInterval(() => this.#rate(), 2000);
     this.frame = 0;
     this.element = $("#panel-template").content.firstElementChild.cloneNode(true);
     this.element.dataset.symbol = product.caspianCode;
@@ -47,6 +47,7 @@ class Panel {
           },
           onResponse: (code, message) => this.#response("Level1", code, message),
           onData: (message) => {
+            this.messages += 1;
             this.level1 = message;
             this.#changed();
           },
@@ -63,6 +64,7 @@ class Panel {
           },
           onResponse: (code, message) => this.#response("Level2", code, message),
           onData: (message) => {
+            this.messages += 1;
             if (this.book.apply(message)) {
               this.#changed();
             }
@@ -89,9 +91,17 @@ class Panel {
     $(".problem", this.element).textContent = [...this.problems.values()].join(" · ");
   }
 
+  // Messages a second since the last reading.
+  #rate() {
+    const now = performance.now();
+    const rate = (this.messages * 1000) / (now - this.rateStart);
+    this.messages = 0;
+    this.rateStart = now;
+    $(".rate", this.element).textContent = `${rate.toFixed(1)} msg/s`;
+  }
+
   // Drawing waits for the next frame, so a burst of messages costs one render.
   #changed() {
-    this.messages += 1;
     if (this.frame === 0) {
       this.frame = requestAnimationFrame(() => {
         this.frame = 0;
@@ -120,8 +130,6 @@ class Panel {
     $(".trade-price", element).textContent =
       quote.tradePrice === undefined ? "–" : `${quote.tradePrice} × ${text(quote.tradeSize)}`;
     $(".updated", element).textContent = clock(quote.bboCaspianTimestamp);
-    const seconds = (performance.now() - this.rateStart) / 1000;
-    $(".rate", element).textContent = `${(this.messages / Math.max(seconds, 1)).toFixed(1)} upd/s`;
 
     const bids = this.book.whole ? this.book.sortedBids() : [];
     const asks = this.book.whole ? this.book.sortedAsks() : [];
@@ -174,6 +182,7 @@ class Panel {
       subscription.close();
     }
     cancelAnimationFrame(this.frame);
+    clearInterval(this.rateTimer);
     this.element.remove();
     state.panels.delete(this);
   }

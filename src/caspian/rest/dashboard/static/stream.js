@@ -181,8 +181,10 @@ export class Stream extends EventTarget {
     this.attempt += 1;
   }
 
-  #retry(code, reason, login, delay) {
-    this.#state("waiting", { code, reason, delay, reconnects: this.reconnects });
+  // note: why the last try failed, beside the close that started the retries.
+  #retry(code, reason, login, delay, note = "") {
+    const shown = note ? `${reason}; ${note}` : reason;
+    this.#state("waiting", { code, reason: shown, delay, reconnects: this.reconnects });
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(async () => {
       if (this.stopped) {
@@ -191,17 +193,24 @@ export class Stream extends EventTarget {
       if (login) {
         try {
           await this.session.login();
-          this.#scheduleRefresh();
         } catch (error) {
           this.#loginFailed(error, code, reason);
           return;
         }
+        // Signed out while the login was under way.
+        if (this.stopped) {
+          return;
+        }
+        this.#scheduleRefresh();
       }
       this.#connect();
     }, delay);
   }
 
   #loginFailed(error, code, reason) {
+    if (this.stopped) {
+      return;
+    }
     if (error instanceof ApiError && error.status === 401) {
       // The key was revoked or the user disabled: retrying cannot help.
       this.stop();
@@ -213,7 +222,7 @@ export class Stream extends EventTarget {
         ? error.retryAfter * 1000
         : backoffDelay(this.attempt);
     this.attempt += 1;
-    this.#retry(code, `${reason}; login failed: ${error.message}`, true, delay);
+    this.#retry(code, reason, true, delay, `login failed: ${error.message}`);
   }
 
   #scheduleRefresh() {
@@ -232,12 +241,18 @@ export class Stream extends EventTarget {
     try {
       await this.session.login();
     } catch (error) {
+      if (this.stopped) {
+        return;
+      }
       this.dispatchEvent(new CustomEvent("refresh", { detail: { code: null, message: error.message } }));
       if (error instanceof ApiError && error.status === 401) {
         return;
       }
       clearTimeout(this.refreshTimer);
       this.refreshTimer = setTimeout(() => this.#refresh(), error.retryAfter ? error.retryAfter * 1000 : 5000);
+      return;
+    }
+    if (this.stopped) {
       return;
     }
     if (this.ws !== null && this.ws.readyState === WebSocket.OPEN) {
