@@ -252,7 +252,7 @@ def test_bitfinex_prices_have_five_significant_digits(by_code: dict[str, Product
 
 
 def test_hand_written_exchanges_use_native_symbols(by_code: dict[str, ProductSpec]) -> None:
-    assert by_code["FX-BTC/USD=ITBIT"].native_code == "XBTUSD"
+    assert by_code["FX-BTC/USD=ITBIT"].native_code == "BTCUSD"
     assert by_code["FX-BTC/KRW=KORBIT"].native_code == "btc_krw"
     assert by_code["FX-BTC/JPY=LIQUID"].native_code == "BTCJPY"
     assert by_code["FX-BTC/CNY=BTCC"].native_code == "btccny"

@@ -74,6 +74,7 @@ from tests.support.mock_htx import HtxMock
 from tests.support.mock_korbit import KorbitMock
 from tests.support.mock_kucoin import KucoinMock
 from tests.support.mock_okx import OkxMock
+from tests.support.mock_paxos import PaxosMock
 from tests.support.mock_poloniex import PoloniexMock
 from tests.support.service import start_service
 
@@ -358,6 +359,23 @@ VENUES = [
         # Every message is the whole top 30: only a crossed one shows.
         "cross",
         "crossed",
+    ),
+    Venue(
+        "ITBIT",
+        "FX-BTC/USD=ITBIT",
+        PaxosMock,
+        # The base address replaces Paxos's; the client keeps the feeds' paths.
+        lambda m: {"api": {"ws": m.ws_url}},
+        "marketdata",
+        "executiondata",
+        lambda m: m.trade(100.0, 0.5),
+        # Paxos names no taker side.
+        lambda raw: {"match_number": raw["match_number"]},
+        # Nothing is numbered: only a crossed book shows.
+        "cross",
+        "crossed",
+        # One UPDATE per changed level.
+        one_message_per_update=False,
     ),
 ]
 

@@ -41,6 +41,7 @@ _NAMES: dict[str, str] = {
     "USDC": "USD Coin",
     "USDT": "Tether",
     # Crypto currencies
+    "AAVE": "Aave",
     "ADA": "Cardano",
     "ATOM": "Cosmos",
     "AVAX": "Avalanche",
@@ -62,6 +63,7 @@ _NAMES: dict[str, str] = {
     "MATIC": "Polygon",
     "NEO": "NEO",
     "OMG": "OmiseGO",
+    "PAXG": "PAX Gold",
     "QASH": "QASH",
     "QTUM": "Qtum",
     "SHIB": "Shiba Inu",

@@ -48,7 +48,7 @@ def sessions(
 
 
 class NativeConnection:
-    """One symbol's book and trades over one WebSocket connection."""
+    """One symbol's book and trades over its WebSocket connections, one per address."""
 
     #: Named in errors.
     name = "the exchange"
@@ -56,7 +56,8 @@ class NativeConnection:
     def __init__(self, ws_url: str) -> None:
         self.ws_url = ws_url
         self.handle_message: Callable[[Any, Any], None] = self.handle
-        self._ws: ClientConnection | None = None
+        #: Open connections by address: most exchanges need one, Paxos two.
+        self._sockets: dict[str, ClientConnection] = {}
         self._opening = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._channels: set[str] = set()
@@ -72,16 +73,17 @@ class NativeConnection:
 
     # -- what subclasses speak --------------------------------------------------
 
+    def address(self, channel: str, symbol: str) -> str:
+        """Where ``channel`` (``"book"`` or ``"trades"``) of ``symbol`` streams."""
+        return self.ws_url
+
     def subscriptions(self, channel: str, symbol: str) -> list[Any]:
-        """The requests subscribing ``channel`` (``"book"`` or ``"trades"``) of ``symbol``."""
+        """The requests subscribing ``channel`` of ``symbol``, made before its address is opened."""
         raise NotImplementedError
 
     def handle(self, client: Any, message: Any) -> None:
         """Applies one parsed message; raises IntegrityError on a book it cannot trust."""
         raise NotImplementedError
-
-    async def keepalive(self, ws: ClientConnection) -> None:
-        """Keeps a quiet connection talking, for exchanges that expect the client to."""
 
     def request_id(self, what: str) -> int:
         """A new request id, remembered with ``what`` it asks for, for errors to name."""
@@ -146,8 +148,8 @@ class NativeConnection:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ws is not None:
-            await self._ws.close()
+        for ws in self._sockets.values():
+            await ws.close()
 
     # -- the connection -------------------------------------------------------------
 
@@ -155,25 +157,23 @@ class NativeConnection:
         if channel in self._channels:
             return
         self._channels.add(channel)
-        ws = await self._open()
-        for request in self.subscriptions(channel, symbol):
+        requests = self.subscriptions(channel, symbol)
+        ws = await self._open(self.address(channel, symbol))
+        for request in requests:
             await ws.send(orjson.dumps(request).decode())
 
-    async def _open(self) -> ClientConnection:
+    async def _open(self, url: str) -> ClientConnection:
         async with self._opening:
-            if self._ws is None:
-                self._ws = await connect(
-                    self.ws_url,
+            ws = self._sockets.get(url)
+            if ws is None:
+                ws = self._sockets[url] = await connect(
+                    url,
                     close_timeout=1.0,
                     # A whole book of a busy market may exceed the 1 MiB default.
                     max_size=2**24,
                 )
-                loop = asyncio.get_running_loop()
-                self._tasks = [
-                    loop.create_task(self._receive(self._ws)),
-                    loop.create_task(self.keepalive(self._ws)),
-                ]
-            return self._ws
+                self._tasks.append(asyncio.get_running_loop().create_task(self._receive(ws)))
+            return ws
 
     async def _next(self) -> None:
         """Waits for the next message, raising once the connection has failed."""

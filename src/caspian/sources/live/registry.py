@@ -258,8 +258,12 @@ EXCHANGES: tuple[Exchange, ...] = (
         "ItBit",
         None,
         None,
-        None,
-        notes="itBit became Paxos; ccxt dropped it",
+        "paxos",
+        checks=(_CROSSED,),
+        notes="itBit became Paxos, which ccxt never had: its public marketdata/{market} and "
+        "executiondata/{market} WebSockets through Caspian's own client, Paxos market ids "
+        "(BTCUSD). Neither feed is numbered and executions name no taker side; the execution "
+        "replayed on connecting is dropped by its time.",
     ),
     Exchange(
         "KORBIT",
