@@ -40,6 +40,7 @@ from caspian.gateway.gateway import Gateway, StreamSettings
 from caspian.gateway.hub import Hub
 from caspian.gateway.registry import new_id
 from caspian.gateway.session import SessionLimits
+from caspian.heap import release_free_heap
 from caspian.maintenance import MaintenanceWindow
 from caspian.metrics import BUS_CONNECTED, count_tasks
 from caspian.rest.app import create_app
@@ -392,7 +393,9 @@ class Service:
         requests (exceptions and their tracebacks are cycles) it held tens of
         MB. Garbage that was alive when frozen (a closed connection's cycles)
         waits for the full collection every ``GC_FULL_S``, the freeze undone:
-        one long pause a minute instead of every few seconds.
+        one long pause a minute instead of every few seconds. Each pass
+        then gives the heap's free pages back (:mod:`caspian.heap`), so that
+        memory a burst took is returned once the burst is over.
         """
         gc.collect()
         gc.freeze()
@@ -405,6 +408,7 @@ class Service:
                 gc.unfreeze()
             gc.collect()
             gc.freeze()
+            release_free_heap()
 
     async def _refresh_catalog(self) -> None:
         while True:
