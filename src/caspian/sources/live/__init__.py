@@ -19,8 +19,9 @@ The package, by layer:
   ``connected`` while the feed runs more than ``CASPIAN_LIVE_MAX_LAG_S``
   behind the exchange;
 - the clients: :mod:`.ccxt_pro` (ccxt.pro, a connection per symbol),
-  :mod:`.binance`, :mod:`.bitmex` and :mod:`.bitflyer` (Caspian's own; the
-  last on :mod:`.native`'s one-symbol connection);
+  :mod:`.binance`, :mod:`.bitmex`, :mod:`.bitflyer`, :mod:`.korbit` and
+  :mod:`.paxos` (Caspian's own; the last three on :mod:`.native`'s
+  one-symbol connections);
 - :mod:`caspian.sources.integrity`: the pure checks of books that clients
   run on the exchanges' sequence numbers and checksums.
 
@@ -31,7 +32,8 @@ section 7): per Caspian exchange code, values merged into the exchange's
 ``{"GDAX": {"api": {"ws": "ws://127.0.0.1:9000", "public": "http://127.0.0.1:9000"}}}``;
 Caspian's own clients read the same keys ccxt does for their exchange
 (BitMEX, which ccxt does not describe, takes ``{"api": {"ws": ..., "rest": ...}}``;
-bitFlyer ``{"api": {"ws": base}}``, the base replacing bitFlyer's and keeping its path).
+bitFlyer, Korbit and Paxos ``{"api": {"ws": base}}``, the base replacing the
+exchange's and keeping its paths).
 """
 
 from caspian.sources.live.registry import BY_CODE, EXCHANGES, Exchange, parse_exchanges

@@ -10,9 +10,9 @@ How an exchange is reached (:attr:`Exchange.client`):
   (:mod:`caspian.sources.live.ccxt_pro`), every raw message applied by ccxt
   and turned into a diff of the top levels at once, with Caspian's own checks
   where ccxt has none;
-- a module name (``"binance"``, ``"bitmex"``): Caspian's own client in
-  ``caspian.sources.live.<module>``, parsing the exchange's messages into
-  diffs directly;
+- a module name (``"binance"``, ``"bitmex"``, ``"bitflyer"``, ``"korbit"``,
+  ``"paxos"``): Caspian's own client in ``caspian.sources.live.<module>``,
+  parsing the exchange's messages into diffs directly;
 - None: not streamed, :attr:`Exchange.notes` says why.
 
 The choice was made by measurement. Before this package, on a Binance-format
@@ -20,9 +20,11 @@ feed, ccxt.pro alone spent 56-70 µs of CPU per event at 10k events/s,
 cryptofeed 17-24 µs, orjson plus a dict book 10-17 µs; ccxt rebuilds its own
 book on every message and cannot unsubscribe on most exchanges. So the
 busiest exchange, Binance, has Caspian's own client with a shared
-connection; the others stay on ccxt.pro. bench/bench_live.py measures it
-against cryptofeed: the live source alone spends 1.0-1.2 times cryptofeed's
-CPU per event and saturates at about the same rate; the whole service
+connection; the others stay on ccxt.pro, except those ccxt.pro does not
+stream (BitMEX, bitFlyer, Korbit, Paxos), which have Caspian's own too.
+bench/bench_live.py measures it against cryptofeed: the live source alone
+spends 1.0-1.2 times cryptofeed's CPU per event and saturates at about the
+same rate; the whole service
 (source, gateway and a Level2 subscriber) 1.7-2.5 times, the rest being the
 gateway's (bench/README.md). ccxt remains the source of reference data for
 all of them.
