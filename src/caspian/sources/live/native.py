@@ -82,7 +82,7 @@ class NativeConnection:
         raise NotImplementedError
 
     def handle(self, client: Any, message: Any) -> None:
-        """Applies one parsed message; raises IntegrityError on a book it cannot trust."""
+        """Applies one parsed message; raising ends the session (a refused request, say)."""
         raise NotImplementedError
 
     def request_id(self, what: str) -> int:
