@@ -21,9 +21,6 @@ from caspian_client.models import Exchange, Product, Token, timestamp
 if TYPE_CHECKING:
     from caspian_client.stream import Stream
 
-#: Share of a token's lifetime after which a new one is fetched.
-REFRESH_AT = 0.75
-
 
 def _base_urls(url: str) -> tuple[str, str]:
     """The REST base (``…/v1``) and the stream URL for a service address, given with or
@@ -138,25 +135,31 @@ class Client:
         expiration = timestamp(body.get("expiration"))
         lifetime: float | None = None
         if expiration is not None:
-            # Counted from the server's own clock when it says it, so that a skewed
-            # local clock does not make a token look longer-lived than it is.
-            now = datetime.now(UTC)
+            # The shorter of the lifetimes by the local clock and by the server's
+            # (its Date header): a skewed clock on either side then makes the token
+            # look shorter-lived, never longer.
+            lifetime = (expiration - datetime.now(UTC)).total_seconds()
             date = response.headers.get("Date")
             if date:
                 with contextlib.suppress(TypeError, ValueError):
-                    now = parsedate_to_datetime(date)
-            lifetime = max(0.0, (expiration - now).total_seconds())
+                    lifetime = min(
+                        lifetime, (expiration - parsedate_to_datetime(date)).total_seconds()
+                    )
+            lifetime = max(0.0, lifetime)
         token = Token(str(body["accessToken"]), expiration, lifetime)
         self._token, self._token_received = token, time.monotonic()
         return token
 
     def refresh_due_in(self) -> float | None:
         """Seconds until the kept token should be replaced (None: no token, or its
-        lifetime unknown)."""
+        lifetime unknown): when a quarter of its lifetime is left, or half of it but
+        at most a minute, whichever comes first, so that even a short-lived token is
+        replaced with time to spare for the login and the TokenRefresh."""
         if self._token is None or self._token.lifetime_s is None:
             return None
-        elapsed = time.monotonic() - self._token_received
-        return self._token.lifetime_s * REFRESH_AT - elapsed
+        lifetime = self._token.lifetime_s
+        spare = max(lifetime * 0.25, min(lifetime * 0.5, 60.0))
+        return lifetime - spare - (time.monotonic() - self._token_received)
 
     async def token(self, fresh: bool = False) -> str:
         """A valid access token: the kept one, or a new one when it is due (or ``fresh``)."""

@@ -91,6 +91,14 @@ class StatusChanged:
 
 
 @dataclass(frozen=True)
+class Lapsed:
+    """A Level2 consumer fell more than its buffer behind: its book restarts from the
+    next whole top-N once it reads on."""
+
+    symbol: str
+
+
+@dataclass(frozen=True)
 class ServerProblem:
     """Something the server said that belongs to no request: a ProtocolError, a
     refused TokenRefresh, or a message of a type this client does not know."""
@@ -99,13 +107,22 @@ class ServerProblem:
     raw: dict[str, Any]
 
 
-Event = Connected | Disconnected | Reconnecting | TokenRefreshed | StatusChanged | ServerProblem
+Event = (
+    Connected
+    | Disconnected
+    | Reconnecting
+    | TokenRefreshed
+    | StatusChanged
+    | Lapsed
+    | ServerProblem
+)
 
 # -- subscriptions --------------------------------------------------------------
 
 
 class _Restart:
-    """Queue marker: the subscription starts again on a new connection."""
+    """Queue marker: what follows belongs to a new Subscribe (after a reconnect, or
+    after the consumer fell behind)."""
 
 
 _RESTART = _Restart()
@@ -113,7 +130,9 @@ _END = object()
 
 
 class Subscription:
-    """One Subscribe, kept across reconnects until closed; iterate it with ``async for``."""
+    """One subscription, kept across reconnects until closed; iterate it with
+    ``async for``. Each Subscribe sent for it has a new requestId (``request_id`` is
+    the current one), so that nothing of an earlier one can be taken for its data."""
 
     kind = ""
 
@@ -128,7 +147,7 @@ class Subscription:
     ) -> None:
         self.stream = stream
         self.symbol = symbol
-        self.request_id = str(uuid.uuid4())
+        self.request_id = ""
         self.payload: dict[str, Any] = {"symbol": symbol, "type": self.kind}
         if symbol_type is not None:
             self.payload["symbolType"] = symbol_type
@@ -136,16 +155,16 @@ class Subscription:
             self.payload["numberOfLevels"] = levels
         if conflation is not None:
             self.payload["conflation"] = conflation
-        # Bounded: a consumer that falls behind stops the reading of the socket, and
-        # the server's own limit (3007) then ends the connection, which the stream
-        # recovers from like any drop, instead of memory growing without end here.
+        # Bounded, and never waited on by the reader: a consumer that is behind must
+        # not stop the connection (pings, token refresh, the other subscriptions).
         self.queue: asyncio.Queue[Any] = asyncio.Queue(buffer)
         self.statuses: dict[str, str] = {}
         self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
-        # The connection number this subscription was last sent on, and answered on.
-        self.sent_on = 0
-        self.answered_on = 0
+        #: The requestId the server last answered 200.
+        self.answered_id = ""
+        #: Dropped for a consumer that fell behind; subscribed again when it reads on.
+        self.lapsed = False
 
     def __aiter__(self) -> Self:
         return self
@@ -171,16 +190,19 @@ class Subscription:
         """Unsubscribes (waiting for the answer when connected) and ends the iterator."""
         await self.stream._unsubscribe(self)
 
+    def _deliver(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def _fail(self, error: BaseException) -> None:
         if not self.answered.done():
             self.answered.set_exception(error)
-            # Read here, so that no one waiting on subscribed() is no "never retrieved".
+            # Retrieved here, so that an error nobody awaited through subscribed()
+            # (it is raised by the iterator) is not reported as never retrieved.
             self.answered.exception()
         self._put_nowait(error)
 
     def _put_nowait(self, item: Any) -> None:
-        # Ending items must get through even when the consumer is far behind: they
-        # replace what it has not read, which the end makes moot anyway.
+        """Puts ``item``, dropping the oldest unread items to make room."""
         while True:
             try:
                 self.queue.put_nowait(item)
@@ -190,7 +212,8 @@ class Subscription:
 
 
 class Level1Subscription(Subscription):
-    """Yields the merged current Level1 state after each update."""
+    """Yields the merged current Level1 state after each update. A consumer that is
+    behind skips states, never fields: each state holds everything known so far."""
 
     kind = "Level1"
 
@@ -198,18 +221,25 @@ class Level1Subscription(Subscription):
         super().__init__(*args)
         self.state = Level1(self.symbol)
 
+    def _deliver(self, message: dict[str, Any]) -> None:
+        self.state = self.state.merge(message)
+        self._put_nowait(self.state)
+
     async def __anext__(self) -> Level1:
         while True:
             item = await self._next_item()
-            if isinstance(item, _Restart):
-                continue
-            self.state = self.state.merge(item)
-            return self.state
+            if isinstance(item, Level1):
+                return item
 
 
 class Level2Subscription(Subscription):
     """Yields a ``Level2Update`` (the maintained book and the change) after each update,
-    from the first whole top-N on; after each reconnect, from the next whole top-N."""
+    from the first whole top-N on; after each reconnect, from the next whole top-N.
+
+    A consumer more than ``buffer`` messages behind cannot get every change: its
+    subscription is then dropped on the server, and subscribed again when it reads
+    on, so that its book restarts from a whole top-N (a ``Lapsed`` event says so).
+    """
 
     kind = "Level2"
 
@@ -217,11 +247,21 @@ class Level2Subscription(Subscription):
         super().__init__(*args)
         self.keeper = BookKeeper(self.symbol)
 
+    def _deliver(self, message: dict[str, Any]) -> None:
+        if self.lapsed:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.stream._lapse(self)
+
     async def __anext__(self) -> Level2Update:
         while True:
             item = await self._next_item()
             if isinstance(item, _Restart):
                 self.keeper.restart()
+                if self.lapsed:
+                    self.stream._resume(self)
                 continue
             update = self.keeper.apply(Level2Message.parse(item))
             if update is not None:
@@ -258,7 +298,9 @@ class Stream:
         self.backoff = backoff or Backoff()
         self.ping_interval = ping_interval
         self.connect_timeout = connect_timeout
-        self._subscriptions: dict[str, Subscription] = {}
+        # Every open subscription (in order), and each by its current requestId.
+        self._all: dict[Subscription, None] = {}
+        self._by_id: dict[str, Subscription] = {}
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listeners: list[asyncio.Queue[Event]] = []
         self._ws: ClientConnection | None = None
@@ -308,9 +350,10 @@ class Stream:
                 await self._task
         for timer in list(self._timers):
             timer.cancel()
-        for subscription in list(self._subscriptions.values()):
+        for subscription in list(self._all):
             subscription._put_nowait(_END)
-        self._subscriptions.clear()
+        self._all.clear()
+        self._by_id.clear()
         for listener in self._listeners:
             _offer(listener, None)
 
@@ -359,7 +402,7 @@ class Stream:
     def _add(self, subscription: Subscription) -> None:
         if self._closing:
             raise StreamClosed(None, "the stream is closed")
-        self._subscriptions[subscription.request_id] = subscription
+        self._all[subscription] = None
         if self._ws is not None:
             self._spawn(self._send_subscribe(self._ws, self._connection, subscription))
 
@@ -368,29 +411,56 @@ class Stream:
         self._timers.add(task)
         task.add_done_callback(self._timers.discard)
 
+    def _lapse(self, subscription: Level2Subscription) -> None:
+        subscription.lapsed = True
+        self._by_id.pop(subscription.request_id, None)
+        while not subscription.queue.empty():
+            subscription.queue.get_nowait()
+        subscription.queue.put_nowait(_RESTART)
+        self._emit(Lapsed(subscription.symbol))
+        ws = self._ws
+        if ws is not None and subscription.answered_id == subscription.request_id:
+            self._spawn(self._forget(ws, subscription.request_id))
+
+    async def _forget(self, ws: ClientConnection, request_id: str) -> None:
+        # The answer changes nothing: a later Subscribe has a new requestId anyway.
+        with contextlib.suppress(CaspianError, ConnectionClosed):
+            await self._request(ws, "Unsubscribe", {"subscribeRequestId": request_id})
+
+    def _resume(self, subscription: Level2Subscription) -> None:
+        subscription.lapsed = False
+        if self._ws is not None and subscription in self._all:
+            self._spawn(self._send_subscribe(self._ws, self._connection, subscription))
+
     async def _send_subscribe(
         self, ws: ClientConnection, connection: int, subscription: Subscription
     ) -> None:
-        if subscription.sent_on:
-            # Everything before this point belongs to the connection that ended.
-            subscription._put_nowait(_RESTART)
-        subscription.sent_on = connection
-        message = {"requestId": subscription.request_id, "type": "Subscribe"}
+        if subscription.request_id:
+            # Everything before this point belongs to an earlier Subscribe.
+            self._by_id.pop(subscription.request_id, None)
+            if isinstance(subscription, Level2Subscription) and not subscription.lapsed:
+                subscription._put_nowait(_RESTART)
+        request_id = subscription.request_id = str(uuid.uuid4())
+        self._by_id[request_id] = subscription
+        message = {"requestId": request_id, "type": "Subscribe"}
         try:
             await ws.send(dumps(message | {"payload": subscription.payload}))
         except ConnectionClosed:
             return  # the reconnect sends it again
         await asyncio.sleep(self.request_timeout)
         if (
-            subscription.answered_on != connection
+            subscription.answered_id != request_id
+            and subscription.request_id == request_id
             and self._connection == connection
-            and not subscription.closed
-            and self._subscriptions.get(subscription.request_id) is subscription
+            and subscription in self._all
         ):
-            del self._subscriptions[subscription.request_id]
-            subscription._fail(
-                RequestTimeout(f"Subscribe {subscription.symbol}", self.request_timeout)
-            )
+            self._drop(subscription)
+            error = RequestTimeout(f"Subscribe {subscription.symbol}", self.request_timeout)
+            subscription._fail(error)
+
+    def _drop(self, subscription: Subscription) -> None:
+        self._all.pop(subscription, None)
+        self._by_id.pop(subscription.request_id, None)
 
     async def _request(
         self, ws: ClientConnection, kind: str, payload: dict[str, Any]
@@ -407,11 +477,12 @@ class Stream:
             self._pending.pop(request_id, None)
 
     async def _unsubscribe(self, subscription: Subscription) -> None:
-        if self._subscriptions.pop(subscription.request_id, None) is None:
+        if subscription not in self._all:
             return
+        self._drop(subscription)
         ws = self._ws
         try:
-            if ws is not None and subscription.answered_on == self._connection:
+            if ws is not None and subscription.answered_id == subscription.request_id:
                 payload = {"subscribeRequestId": subscription.request_id}
                 answer = await self._request(ws, "Unsubscribe", payload)
                 code = _code(answer)
@@ -462,9 +533,10 @@ class Stream:
         self._closing = True
         if self._first is not None and not self._first.done():
             self._first.set_exception(error)
-        for subscription in list(self._subscriptions.values()):
+        for subscription in list(self._all):
             subscription._fail(error)
-        self._subscriptions.clear()
+        self._all.clear()
+        self._by_id.clear()
         for listener in self._listeners:
             _offer(listener, None)
 
@@ -476,12 +548,14 @@ class Stream:
         self._emit(Connected(self.client.stream_url, reconnect=connection > 1))
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
-        for subscription in list(self._subscriptions.values()):
+        for subscription in list(self._all):
+            if isinstance(subscription, Level2Subscription) and subscription.lapsed:
+                continue  # subscribed again when its consumer reads on
             self._spawn(self._send_subscribe(ws, connection, subscription))
         refresher = asyncio.create_task(self._refresh_tokens(ws))
         try:
             async for raw in ws:
-                await self._dispatch(raw, connection)
+                self._dispatch(raw)
         except ConnectionClosed:
             pass
         finally:
@@ -489,7 +563,9 @@ class Stream:
             self._ws = None
             for answer in self._pending.values():
                 if not answer.done():
-                    answer.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
+                    answer.set_exception(
+                        ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent)
+                    )
         rcvd = ws.protocol.close_rcvd
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else ""
@@ -501,7 +577,7 @@ class Stream:
             with contextlib.suppress(CaspianError, httpx.HTTPError):
                 await self.client.token(fresh=True)
 
-    async def _dispatch(self, raw: str | bytes, connection: int) -> None:
+    def _dispatch(self, raw: str | bytes) -> None:
         try:
             message = loads(raw)
         except ValueError:
@@ -512,20 +588,19 @@ class Stream:
             return
         kind = message.get("type")
         request_id = message.get("requestId")
-        subscription = self._subscriptions.get(request_id) if isinstance(request_id, str) else None
+        subscription = self._by_id.get(request_id) if isinstance(request_id, str) else None
         if kind in ("Level1", "Level2") and subscription is not None:
             self._statuses(subscription, message)
-            # Waits while the consumer is behind: see Subscription.queue.
-            await subscription.queue.put(message)
+            subscription._deliver(message)
         elif kind == "SubscribeResponse" and subscription is not None:
             code = _code(message)
             if code == 200:
-                subscription.answered_on = connection
+                subscription.answered_id = subscription.request_id
                 self.backoff.reset()
                 if not subscription.answered.done():
                     subscription.answered.set_result(None)
             else:
-                del self._subscriptions[subscription.request_id]
+                self._drop(subscription)
                 subscription._fail(SubscriptionError(code, _message(message)))
         elif isinstance(request_id, str) and request_id in self._pending:
             answer = self._pending[request_id]
