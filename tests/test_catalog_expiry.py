@@ -7,6 +7,7 @@ of waiting: a product that expires while the service runs stops being served.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,6 +150,31 @@ async def test_a_product_expiring_while_the_service_runs_stops_being_served(
         request_id = await c.send("Subscribe", {"symbol": OPTION, "type": "Level2"})
         answer = (await c.response(request_id))["payload"]
         assert answer["code"] == 202 and "expired" in answer["message"], answer
+        await c.close()
+    finally:
+        running.stop()
+
+
+async def test_a_recording_of_an_expired_product_is_still_replayed(tmp_path: Path) -> None:
+    # A recording is history: the future had not expired when it was recorded.
+    book = {
+        "symbol": FUTURE,
+        "kind": "book",
+        "snapshot": True,
+        "bids": [[42000.1, 1.5]],
+        "asks": [[42000.5, 2.0]],
+    }
+    lines = [{"ts": f"2023-12-01T00:00:0{second}.000000", **book} for second in range(3)]
+    recording = tmp_path / "december.jsonl"
+    recording.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    running = start_service(tmp_path / "data", source=f"replay:{recording}", replay_loop=True)
+    try:
+        c = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+        request_id = await c.subscribe(FUTURE, "Level1")
+        update = await c.wait_for(
+            lambda m: m.get("requestId") == request_id and bool(m.get("payload"))
+        )
+        assert update["payload"]["bid"] == 42000.1, update
         await c.close()
     finally:
         running.stop()

@@ -201,6 +201,9 @@ class Service:
         #: The time in µs since the epoch by which products expire; tests move it.
         self.clock: Callable[[], int] = now_us
         self.source = make_source(settings, self.get, lambda: self.clock())
+        # A recording is history: its products are served whether they have expired
+        # since or not. Every other source, and a gateway fed over NATS, streams today.
+        self._serves_today = not isinstance(self.source, ReplaySource)
         self.bus = make_bus(settings, self.source)
         self.hub = Hub(self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s)
         self.bus.handler = self.hub.on_event
@@ -247,7 +250,7 @@ class Service:
         product = self.catalog.resolve(symbol, symbol_type)
         if product is None:
             return None
-        if product.expired(self.clock()):
+        if self._serves_today and product.expired(self.clock()):
             return f"{product.caspian_code} expired on {product.expire_date}: it is not streamed"
         if self.source is None:
             return product
