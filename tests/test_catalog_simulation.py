@@ -131,3 +131,13 @@ def test_prices_keep_to_the_rule_over_a_long_run() -> None:
             for price in book_prices(run(one, 2_000, seed)):
                 assert price > 0
                 assert on_grid(price, rule_tick(list(one.tick_rule), price)), (one.symbol, price)
+
+
+def test_a_coarser_range_below_bounds_the_book_from_below() -> None:
+    # Below 1 only multiples of 0.5: the 0.01 grid of the range above must stay out of it.
+    rule = tuple(parse_tick_rule(",1,0.5;1,,0.01"))
+    product = SimProduct("FX-EUR/USD=KRAKEN", "EUR", "USD", "FX", 0.01, 1.0, tick_rule=rule)
+    assert choose_layout(product, 1.08).tick == 0.01
+    prices = book_prices(run(product, 500))
+    assert min(prices) >= 1.0
+    assert all(on_grid(price, rule_tick(list(rule), price)) for price in prices)

@@ -227,7 +227,9 @@ def _layout(tick: float, price: float, low: Decimal | None, high: Decimal | None
     gap_hi = spacing + spacing // 2
     # The deepest side spans at most this many ticks from the mid.
     span = (DEPTH_MAX + 2.0) * gap_hi + 2.0
-    lowest = max(1, math.ceil(float(low) / tick)) if low is not None else 1
+    # Decimal: a bound on the grid (0.005 / 0.0001) must give its exact count of ticks.
+    grid = Decimal(repr(tick))
+    lowest = max(1, math.ceil(low / grid)) if low is not None else 1
     # A floor under the mid leaves room for a full bid side at allowed prices
     # even when the tick is coarse relative to the price.
     floor = lowest + span
@@ -235,7 +237,7 @@ def _layout(tick: float, price: float, low: Decimal | None, high: Decimal | None
     highest: int | None = None
     ceiling: float | None = None
     if high is not None:
-        highest = math.ceil(float(high) / tick) - 1
+        highest = math.ceil(high / grid) - 1
         ceiling = highest - span
         if ceiling < start * _BAND_ROOM:
             return None
