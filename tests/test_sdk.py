@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
@@ -555,3 +561,39 @@ def test_the_sync_wrapper(service: RunningService) -> None:
             books = stream.level2(SYMBOL, levels=3)
             update = next(books)
             assert update.whole and len(update.book.bids) == 3
+
+
+def test_the_readme_example_as_written(service: RunningService, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("\n## Python SDK\n")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    (example,) = re.findall(r"^```python\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    script = tmp_path / "sdk.py"
+    script.write_text(example.replace("http://127.0.0.1:8080", service.base_url))
+    key_id, secret = service.key()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "KEY": json.dumps({"accessKeyID": key_id, "secretAccessKey": secret}),
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        seen: list[str] = []
+        while not {"Level1", "Level2"} <= {line.split()[0] for line in seen if line.strip()}:
+            line = process.stdout.readline()
+            assert line, process.stderr.read() if process.stderr else ""
+            seen.append(line)
+        assert seen[0].startswith("Bitcoin - US Dollar")
+        level2 = next(line for line in seen if line.startswith("Level2 connected bids ["))
+        assert level2.count(",") >= 8
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
