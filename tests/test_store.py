@@ -292,8 +292,9 @@ async def test_ended_tokens_are_refused_and_forgotten_once_expired(
     later = datetime(2100, 1, 1)
     await store.end_token("a" * 32, later)
     await store.end_token("a" * 32, later)
-    assert await store.token_ended("a" * 32)
-    assert not await store.token_ended("b" * 32)
+    await store.create_user("ted", "pw")
+    assert await store.token_standing("a" * 32, USER, "ted") == (True, None)
+    assert await store.token_standing("b" * 32, USER, "ted") == (False, Principal("ted", None))
     await store.end_token("c" * 32, datetime(2000, 1, 1))
     # The next one ended sweeps out those already expired.
     await store.end_token("d" * 32, later)

@@ -93,7 +93,9 @@ class AccessStore(Protocol):
 
     async def principal(self, kind: str, subject: str) -> Principal | None: ...
 
-    async def token_ended(self, token_id: str) -> bool: ...
+    async def token_standing(
+        self, token_id: str, kind: str, subject: str
+    ) -> tuple[bool, Principal | None]: ...
 
     async def end_token(self, token_id: str, expires_time: datetime) -> None: ...
 
@@ -125,9 +127,11 @@ class AccessCheck:
             return Denied(Reason.EXPIRED)
         except TokenInvalid:
             return Denied(Reason.INVALID)
-        if await self._store.token_ended(claims.token_id):
+        ended, found = await self._store.token_standing(
+            claims.token_id, claims.kind, claims.subject
+        )
+        if ended:
             return Denied(Reason.ENDED)
-        found = await self._store.principal(claims.kind, claims.subject)
         refused = denial(found, claims.issued_us)
         if refused is not None:
             return refused

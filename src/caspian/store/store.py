@@ -325,6 +325,28 @@ async def _entitled(session: AsyncSession, user_id: int) -> list[str]:
     return list(codes)
 
 
+async def _principal(session: AsyncSession, kind: str, subject: str) -> Principal | None:
+    if kind == KEY:
+        user: User | None = await session.scalar(
+            select(User)
+            .join(ApiKey, ApiKey.user_id == User.id)
+            .where(ApiKey.key_id == subject, ApiKey.revoked.is_(False))
+        )
+    elif kind == USER:
+        user = await _find_user(session, subject)
+    else:
+        raise ValueError(f"unknown principal kind {kind!r}")
+    if user is None:
+        return None
+    exchanges = None if user.all_exchanges else frozenset(await _entitled(session, user.id))
+    return Principal(
+        user=user.name,
+        exchanges=exchanges,
+        disabled=user.disabled,
+        tokens_not_before=user.tokens_not_before,
+    )
+
+
 class Store:
     """The database behind the service and its CLI.
 
@@ -399,9 +421,7 @@ class Store:
         _check_user_name(name)
         if password == "":
             raise ValueError("a password cannot be empty")
-        password_hash = (
-            None if password is None else await self._argon2(_HASHER.hash, password)
-        )
+        password_hash = None if password is None else await self._argon2(_HASHER.hash, password)
         user = User(
             name=name,
             password_hash=password_hash,
@@ -585,25 +605,7 @@ class Store:
         A disabled user is still found, marked so, for the caller to say why it refuses.
         """
         async with self._session() as session:
-            if kind == KEY:
-                user: User | None = await session.scalar(
-                    select(User)
-                    .join(ApiKey, ApiKey.user_id == User.id)
-                    .where(ApiKey.key_id == subject, ApiKey.revoked.is_(False))
-                )
-            elif kind == USER:
-                user = await _find_user(session, subject)
-            else:
-                raise ValueError(f"unknown principal kind {kind!r}")
-            if user is None:
-                return None
-            exchanges = None if user.all_exchanges else frozenset(await _entitled(session, user.id))
-            return Principal(
-                user=user.name,
-                exchanges=exchanges,
-                disabled=user.disabled,
-                tokens_not_before=user.tokens_not_before,
-            )
+            return await _principal(session, kind, subject)
 
     # Tokens ended with their stream session
 
@@ -618,10 +620,18 @@ class Store:
             if await session.get(EndedToken, token_id) is None:
                 session.add(EndedToken(token_id=token_id, expires_time=expires_time))
 
-    async def token_ended(self, token_id: str) -> bool:
+    async def token_standing(
+        self, token_id: str, kind: str, subject: str
+    ) -> tuple[bool, Principal | None]:
+        """Whether the token was ended, and else its subject's :meth:`principal`.
+
+        One transaction for both: every stream connect and REST call asks,
+        and under connection churn these lookups were half the event loop's work.
+        """
         async with self._session() as session:
-            found = await session.scalar(select(exists().where(EndedToken.token_id == token_id)))
-            return bool(found)
+            if await session.scalar(select(exists().where(EndedToken.token_id == token_id))):
+                return True, None
+            return False, await _principal(session, kind, subject)
 
     # Registry of open stream sessions
 
