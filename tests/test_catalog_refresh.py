@@ -194,6 +194,8 @@ async def test_a_running_service_refreshes_its_catalog(
         del pairs["result"]["XETHZEUR"]
         kraken.answers["/0/public/AssetPairs"] = (200, json.dumps(pairs).encode())
         await wait_for("FX-ETH/EUR=KRAKEN", 404)
+        # The open subscription is told its market is gone.
+        await c.wait_for(lambda m: m["type"] == "Level2" and m["depthStream"] == "disconnected")
         request_id = await c.send("Subscribe", {"symbol": "FX-ETH/EUR=KRAKEN", "type": "Level1"})
         assert (await c.response(request_id))["payload"]["code"] == 202
         await c.close()

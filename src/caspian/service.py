@@ -436,6 +436,10 @@ class Service:
                 failed = [result for result in results.values() if isinstance(result, str)]
                 for result in done:
                     log.info("catalog refresh: %s", result.summary())
+                    if isinstance(self.source, Simulator):
+                        # A live exchange stops sending a delisted market by itself.
+                        for code in result.retired:
+                            self.source.close_market(code)
                 if failed:
                     log.warning(
                         "catalog refresh: %d of %d exchanges not refreshed: %s",

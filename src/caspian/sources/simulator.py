@@ -23,7 +23,8 @@ an option settled in its base currency is priced in it (a Deribit BTC option
 at 0.0345 BTC, not at dollars).
 
 A dated product is simulated until it expires, judged by the simulator's
-clock: then its streams go ``disconnected`` for good and it is dropped.
+clock: then its streams go ``disconnected`` for good and it is dropped; so is
+a product retired from the catalog (:meth:`Simulator.close_market`).
 """
 
 from __future__ import annotations
@@ -752,13 +753,19 @@ class Simulator(Source):
             if self._symbols.get(symbol) is not sim:
                 continue
             if _expired(sim.product, ts):
-                self._expire(symbol, ts, sink)
+                log.info("%s has expired: no longer simulated", symbol)
+                self._close(symbol, ts, sink)
             else:
                 _deliver(sim.step(ts), sink)
 
-    def _expire(self, symbol: str, ts: int, sink: EventSink) -> None:
+    def close_market(self, symbol: str) -> None:
+        """The product is gone (delisted): its streams go down for good, as at expiry."""
+        if symbol in self._symbols and self._sink is not None:
+            log.info("%s was retired from the catalog: no longer simulated", symbol)
+            self._close(symbol, self._clock(), self._sink)
+
+    def _close(self, symbol: str, ts: int, sink: EventSink) -> None:
         """The market closed: its streams go down for good and it is no longer ticked."""
-        log.info("%s has expired: no longer simulated", symbol)
         self.unwatch(symbol)
         _deliver(
             [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in _STREAMS],
