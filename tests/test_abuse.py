@@ -247,6 +247,47 @@ async def test_a_token_refresh_flood_is_answered_at_a_bounded_rate_not_at_others
     await flooder.close()
 
 
+@pytest.mark.settings(
+    max_messages_per_s=5000.0,
+    max_message_burst=1000,
+    max_messages_per_s_per_principal=50.0,
+    max_message_burst_per_principal=20,
+)
+async def test_one_key_flooding_on_many_connections_shares_one_rate(
+    running: RunningService,
+) -> None:
+    """Connections of one key are held to one rate together; another key is not slowed."""
+    token = await asyncio.to_thread(running.token, "mallory")
+    flooders = [await StreamClient.open(running.stream_url, token) for _ in range(3)]
+    count = 40
+
+    async def flood(client: StreamClient, tag: str) -> int:
+        client.ws.transport.write(
+            b"".join(
+                client_frame(0x1, f'{{"requestId":"{tag}{i}"}}'.encode()) for i in range(count)
+            )
+        )
+        for _ in range(count):
+            message = await client.recv(within=30)
+            assert message["type"] == "ProtocolError", message
+        return count
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    work = [asyncio.create_task(flood(client, f"f{n}-")) for n, client in enumerate(flooders)]
+    await asyncio.sleep(0.2)
+    other = await StreamClient.open(running.stream_url, await asyncio.to_thread(running.token))
+    other_started = loop.time()
+    await flood(other, "o")
+    assert loop.time() - other_started < 1.0
+    assert sum(await asyncio.gather(*work)) == 3 * count
+    # 120 answers at 50 a second after a burst of 20; each connection alone
+    # would have been answered at once.
+    assert loop.time() - started >= (3 * count - 20) / 50.0 - 0.1
+    for client in (*flooders, other):
+        await client.close()
+
+
 @pytest.mark.settings(max_streams_per_principal=3)
 async def test_streams_per_key_are_limited_with_3008(running: RunningService) -> None:
     token = await asyncio.to_thread(running.token, "greedy")

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from caspian.guard import ConnectionLimits
 from caspian.pacing import LogThrottle, TokenBucket
 
 
@@ -46,3 +47,18 @@ def test_log_throttle_keeps_the_traceback_of_the_first(caplog: pytest.LogCapture
                 throttle.exception("boom", "it failed")
     (record,) = caplog.records
     assert record.exc_info is not None
+
+
+def test_streams_of_one_principal_share_one_budget_while_any_is_open() -> None:
+    limits = ConnectionLimits(10, 10, 3, messages_per_principal=(5.0, 2))
+    alice = ("key", "A")
+    assert limits.admit_stream("c1", alice) and limits.admit_stream("c2", alice)
+    budget = limits.budget(alice, 0.0)
+    assert limits.budget(alice, 0.0) is budget
+    assert limits.budget(("key", "B"), 0.0) is not budget
+    assert budget.take(0.0) and budget.take(0.0) and not budget.take(0.0)
+    limits.release("c1")
+    assert limits.budget(alice, 0.0) is budget
+    # Its last stream gone, the key's spent budget is forgotten with it.
+    limits.release("c2")
+    assert limits.budget(alice, 0.0) is not budget

@@ -24,6 +24,7 @@ from caspian.gateway.session import (
     VerifyToken,
     Wake,
 )
+from caspian.pacing import TokenBucket
 
 GEMINI = ProductSpec(
     exchange="GEMINI",
@@ -487,6 +488,33 @@ def test_messages_past_the_rate_wait_and_the_reading_stops_past_the_burst() -> N
     assert not session.backlogged
     clock.now += 10
     assert [message["requestId"] for message in sent(session.drain())] == ["s7", "s8", "s9"]
+
+
+def test_streams_of_one_key_share_a_budget_besides_their_own() -> None:
+    """Two connections of one key, each well within its own rate, are held to their
+    shared budget together: one more connection cannot double what the key may send."""
+    clock = Clock()
+    budget = TokenBucket(10.0, 4, clock.monotonic())
+    first = opened(fresh(clock, rate=1000.0, burst=100), ALICE)
+    second = opened(fresh(clock, rate=1000.0, burst=100), ALICE)
+    first.share_budget(budget)
+    second.share_budget(budget)
+    answered = []
+    for index in range(3):
+        answered += sent(first.receive(subscribe(f"a{index}", symbol="nope")))
+    actions = []
+    for index in range(3):
+        actions = second.receive(subscribe(f"b{index}", symbol="nope"))
+        answered += sent(actions)
+    assert [m["requestId"] for m in answered] == ["a0", "a1", "a2", "b0"]
+    (wake,) = [action for action in actions if isinstance(action, Wake)]
+    assert wake.delay == pytest.approx(0.1)
+    clock.now += 0.11
+    assert [m["requestId"] for m in sent(second.drain())] == ["b1"]
+    # Another key's connection has a budget of its own.
+    other = opened(fresh(clock, rate=1000.0, burst=100), ALICE)
+    other.share_budget(TokenBucket(10.0, 4, clock.monotonic()))
+    assert [m["requestId"] for m in sent(other.receive(subscribe("c0", symbol="nope")))] == ["c0"]
 
 
 def test_token_checks_in_flight_are_bounded_and_later_messages_keep_their_order() -> None:

@@ -62,6 +62,8 @@ BAD: dict[str, tuple[str, str]] = {
     "max_headers": ("0", "max_headers"),
     "max_messages_per_s": ("0", "max_messages_per_s"),
     "max_message_burst": ("0", "max_message_burst"),
+    "max_messages_per_s_per_principal": ("-1", "max_messages_per_s_per_principal"),
+    "max_message_burst_per_principal": ("0", "max_message_burst_per_principal"),
     "max_token_refreshes_per_s": ("0", "max_token_refreshes_per_s"),
     "metrics_token": ("", "metrics_token"),
     "simulator_seed": ("one", "simulator_seed"),

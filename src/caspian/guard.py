@@ -21,7 +21,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from caspian.metrics import CONNECTIONS_REFUSED
-from caspian.pacing import LogThrottle
+from caspian.pacing import LogThrottle, TokenBucket
 
 log = logging.getLogger(__name__)
 _throttled = LogThrottle(log)
@@ -74,10 +74,15 @@ class ConnectionLimits:
         per_address: int,
         streams_per_principal: int,
         exempt: Callable[[str], bool] = lambda address: False,
+        messages_per_principal: tuple[float, int] = (400.0, 1_000),
     ) -> None:
         self.total = total
         self.per_address = per_address
         self.streams_per_principal = streams_per_principal
+        #: Inbound stream messages per second, and at once, of all of one
+        #: key's or user's streams together.
+        self.messages_per_principal = messages_per_principal
+        self._budgets: dict[tuple[str, str], TokenBucket] = {}
         #: Addresses the per-address limit does not apply to (trusted proxies).
         self._exempt = exempt
         self._addresses: dict[Hashable, str] = {}
@@ -109,6 +114,18 @@ class ConnectionLimits:
         self._per_principal[principal] += 1
         return True
 
+    def budget(self, principal: tuple[str, str], now: float) -> TokenBucket:
+        """The inbound message budget ``principal``'s admitted streams share.
+
+        Each connection has its own rate too; this one bounds what a key or
+        user can make the server do over all its connections together.
+        """
+        bucket = self._budgets.get(principal)
+        if bucket is None:
+            rate, burst = self.messages_per_principal
+            bucket = self._budgets[principal] = TokenBucket(rate, burst, now)
+        return bucket
+
     def release(self, handle: Hashable) -> None:
         address = self._addresses.pop(handle, None)
         if address is not None:
@@ -116,6 +133,8 @@ class ConnectionLimits:
         principal = self._streams.pop(handle, None)
         if principal is not None:
             _decrement(self._per_principal, principal)
+            if principal not in self._per_principal:
+                self._budgets.pop(principal, None)
 
 
 def _decrement(counts: Counter[Any], key: Any) -> None:

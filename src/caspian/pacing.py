@@ -32,6 +32,11 @@ class TokenBucket:
             return True
         return False
 
+    def ready(self, now: float) -> bool:
+        """Whether a token is there, without spending it."""
+        self._refill(now)
+        return self._tokens >= 1.0
+
     def wait(self, now: float) -> float:
         """Seconds until a token is there."""
         self._refill(now)

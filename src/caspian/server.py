@@ -167,6 +167,7 @@ def client_limits(settings: Settings, proxies: TrustedProxies) -> ConnectionLimi
         settings.max_connections_per_address,
         settings.max_streams_per_principal,
         proxies.__contains__,
+        (settings.max_messages_per_s_per_principal, settings.max_message_burst_per_principal),
     )
     CLIENT_CONNECTIONS.set_function(lambda: limits.open)
     return limits

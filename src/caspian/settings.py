@@ -185,6 +185,18 @@ class Settings(BaseSettings):
     max_message_burst: int = Field(
         500, gt=0, description="Inbound stream messages a connection may send at once."
     )
+    max_messages_per_s_per_principal: float = Field(
+        400.0,
+        gt=0,
+        description="Inbound stream messages per second of all the streams of one key or "
+        "user together, with a burst of max_message_burst_per_principal: past it they wait "
+        "like a single connection's, so many connections cannot multiply the rate.",
+    )
+    max_message_burst_per_principal: int = Field(
+        1_000,
+        gt=0,
+        description="Inbound stream messages the streams of one key or user may send at once.",
+    )
     max_token_refreshes_per_s: float = Field(
         1.0,
         gt=0,

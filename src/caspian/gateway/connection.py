@@ -304,6 +304,7 @@ class StreamConnection(asyncio.Protocol):
             )
             self.close(CloseCode.CONNECTION_LIMIT)
             return False
+        self._session.share_budget(self.limits.budget(principal, self._loop.time()))
         self._registration = new_session(
             check.user, check.principal, self._transport.get_extra_info("peername")
         )

@@ -76,6 +76,7 @@ class _Later(Exception):
         super().__init__(delay)
         self.delay = delay
 
+
 #: The product a symbol names; a string when the catalog has it but no source
 #: here will ever serve it (why), None when there is no such product.
 Resolver = Callable[[str, SymbolType], ProductSpec | str | None]
@@ -256,6 +257,8 @@ class Session:
         self._refreshes = TokenBucket(
             limits.max_token_refreshes_per_s, TOKEN_REFRESH_BURST, clock()
         )
+        #: The budget shared by every stream of the same key or user, once known.
+        self._shared: TokenBucket | None = None
         self._awaiting_pong = False
 
     # -- lifecycle -------------------------------------------------------
@@ -289,11 +292,17 @@ class Session:
         actions: list[Action] = []
         held = self._held
         pending = self._pending_tokens
+        own = self._bucket
+        shared = self._shared
         while held and self.state is State.OPEN and len(pending) < MAX_PENDING_CHECKS:
             now = self._clock()
-            if not self._bucket.take(now):
-                actions.append(Wake(max(MIN_WAKE_S, self._bucket.wait(now))))
+            if not own.ready(now) or (shared is not None and not shared.ready(now)):
+                wait = max(own.wait(now), shared.wait(now) if shared is not None else 0.0)
+                actions.append(Wake(max(MIN_WAKE_S, wait)))
                 break
+            own.take(now)
+            if shared is not None:
+                shared.take(now)
             data, text = held.popleft()
             try:
                 actions += self._handle(data, text)
@@ -302,6 +311,11 @@ class Session:
                 actions.append(Wake(max(MIN_WAKE_S, later.delay)))
                 break
         return actions
+
+    def share_budget(self, budget: TokenBucket) -> None:
+        """From now on messages also spend ``budget``, shared with the other streams of
+        the same key or user, so that many connections cannot multiply the rate."""
+        self._shared = budget
 
     def heartbeat(self) -> list[Action]:
         """The heartbeat's tick: a ping, or 3006 when the last one went unanswered.
