@@ -42,6 +42,11 @@ def timestamp(value: Any) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+def format_timestamp(value: datetime) -> str:
+    """A time in the API's own format (GMT, ``YYYY-MM-DDTHH:MM:SS.mmmmmm``)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -64,6 +69,10 @@ class Exchange:
     code: str
     name: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the API sends it (unknown fields included)."""
+        return {"name": self.name, "code": self.code, **self.extra}
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Exchange:
@@ -134,6 +143,11 @@ class Product:
     def updated(self) -> datetime | None:
         return timestamp(self.updated_time)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the API sends it: the fields it has, by their API names, and unknown ones."""
+        fields = {wire: getattr(self, name) for wire, name in PRODUCT_FIELDS.items()}
+        return {wire: value for wire, value in fields.items() if value is not None} | self.extra
+
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Product:
         values = {name: _text(raw.get(wire)) for wire, name in PRODUCT_FIELDS.items()}
@@ -191,6 +205,20 @@ class Level1:
     exchange_specific_info: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged state by the API's names (timestamps in its format), for JSON."""
+        result: dict[str, Any] = {"symbol": self.symbol}
+        for wire, name in (("bboStream", "bbo_stream"), ("tradeStream", "trade_stream")):
+            if getattr(self, name) is not None:
+                result[wire] = getattr(self, name)
+        for wire, name in LEVEL1_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                value = format_timestamp(value)
+            if value is not None and value != {}:
+                result[wire] = value
+        return result | self.extra
 
     def merge(self, message: Mapping[str, Any]) -> Level1:
         """This state with one Level1 message applied."""
