@@ -1,4 +1,4 @@
-"""What Caspian's own one-symbol WebSocket clients share (bitFlyer, Korbit, Paxos).
+"""What Caspian's own one-symbol WebSocket clients share (BitMEX, bitFlyer, Korbit, Paxos).
 
 A :class:`NativeConnection` offers the part of a ccxt.pro exchange object
 that :mod:`caspian.sources.live.ccxt_pro`'s sessions use, so an exchange
@@ -10,18 +10,21 @@ raises from the watch calls once the connection failed.
 
 A subclass names its address, how to subscribe, and parses messages into
 :meth:`NativeConnection.replace_book`, :meth:`NativeConnection.change_book`
-and :meth:`NativeConnection.add_trades`.
+and :meth:`NativeConnection.add_trades`; one whose heartbeat is a text ping
+sets :attr:`NativeConnection.ping_text`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from caspian.book import BookView, OrderBook
 from caspian.sources.live.adapter import Adapter
@@ -52,6 +55,11 @@ class NativeConnection:
 
     #: Named in errors.
     name = "the exchange"
+    #: A text message the exchange asks for every ``ping_s`` seconds (BitMEX's
+    #: ``ping``): its answer is a message, which the watchdog sees, so it
+    #: replaces the protocol's pings. None: the protocol's pings.
+    ping_text: str | None = None
+    ping_s = 5.0
 
     def __init__(self, ws_url: str) -> None:
         self.ws_url = ws_url
@@ -80,6 +88,10 @@ class NativeConnection:
     def subscriptions(self, channel: str, symbol: str) -> list[Any]:
         """The requests subscribing ``channel`` of ``symbol``, made before its address is opened."""
         raise NotImplementedError
+
+    def decode(self, raw: str | bytes) -> Any:
+        """One message as :meth:`handle` takes it."""
+        return orjson.loads(raw)
 
     def handle(self, client: Any, message: Any) -> None:
         """Applies one parsed message; raising ends the session (a refused request, say)."""
@@ -166,13 +178,18 @@ class NativeConnection:
         async with self._opening:
             ws = self._sockets.get(url)
             if ws is None:
+                pings: dict[str, Any] = {} if self.ping_text is None else {"ping_interval": None}
                 ws = self._sockets[url] = await connect(
                     url,
                     close_timeout=1.0,
                     # A whole book of a busy market may exceed the 1 MiB default.
                     max_size=2**24,
+                    **pings,
                 )
-                self._tasks.append(asyncio.get_running_loop().create_task(self._receive(ws)))
+                loop = asyncio.get_running_loop()
+                self._tasks.append(loop.create_task(self._receive(ws)))
+                if self.ping_text is not None:
+                    self._tasks.append(loop.create_task(self._ping(ws, self.ping_text)))
             return ws
 
     async def _next(self) -> None:
@@ -195,8 +212,15 @@ class NativeConnection:
         failure: BaseException = ConnectionError(f"{self.name} closed the connection")
         try:
             async for raw in ws:
-                self.handle_message(self, orjson.loads(raw))
+                self.handle_message(self, self.decode(raw))
         except Exception as exc:
             failure = exc
         self._failure = failure
         self._notify()
+
+    async def _ping(self, ws: ClientConnection, text: str) -> None:
+        # A failed send is the receiver's to report.
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(self.ping_s)
+                await ws.send(text)
