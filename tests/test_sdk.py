@@ -33,9 +33,11 @@ from caspian_client import (
     RequestTimeout,
     StatusChanged,
     Stream,
+    StreamClosed,
     SubscriptionError,
     SyncClient,
     TokenRefreshed,
+    Unreachable,
 )
 from caspian_client.models import PRODUCT_FIELDS, timestamp
 from websockets.asyncio.server import ServerConnection, serve
@@ -597,3 +599,46 @@ def test_the_readme_example_as_written(service: RunningService, tmp_path: Path) 
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
     assert process.returncode == 0, errors
+
+
+async def test_a_silent_or_absent_service_raises(service: RunningService) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Client(f"http://127.0.0.1:{port}", key_id="k", secret="s", timeout=0.5) as c:
+            with pytest.raises(RequestTimeout) as late:
+                await c.exchanges()
+            assert "POST /auth/authenticate" in str(late.value)
+    finally:
+        server.close()
+    async with Client(f"http://127.0.0.1:{free_port()}", key_id="k", secret="s") as client:
+        with pytest.raises(Unreachable):
+            await client.exchanges()
+
+
+async def test_a_refused_login_ends_the_stream(tmp_path: Path) -> None:
+    running = start_service(tmp_path, simulator_rate=20.0, recheck_s=0.3)
+    try:
+        wrong = Client(running.base_url, key_id=running.key()[0], secret="wrong")
+        with pytest.raises(StreamClosed) as refused:
+            async with wrong, wrong.stream():
+                pass
+        assert refused.value.code == 401
+        key_id, secret = running.key()
+        client = Client(running.base_url, key_id=key_id, secret=secret)
+        async with client, logged_stream(client) as (stream, log):
+            quotes = stream.level1(SYMBOL)
+            await anext(quotes)
+            assert running.call(running.listening.service.store.revoke_key(key_id))
+            closed = await log.wait_for(lambda e: isinstance(e, Disconnected))
+            assert isinstance(closed, Disconnected) and closed.code == 3001
+            # The key is gone: the login is refused, and the stream ends, saying so.
+            with pytest.raises(StreamClosed) as ended:
+                while True:
+                    await asyncio.wait_for(anext(quotes), 15)
+            assert ended.value.code == 401 and "refused" in str(ended.value)
+    finally:
+        running.stop()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
+import subprocess
+import sys
+import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,3 +298,37 @@ def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
     with pytest.raises(ValueError):
         Backoff(initial=0)
     assert highest.attempt == 6
+
+
+# -- the distribution ------------------------------------------------------------
+
+SERVER_ONLY = ["caspian", "ccxt", "sqlalchemy", "fastapi", "nats", "uvicorn", "pydantic", "typer"]
+
+
+def test_the_client_needs_none_of_the_server_s_dependencies() -> None:
+    client = Path(__file__).resolve().parents[1] / "clients" / "python"
+    project = tomllib.loads((client / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", requirement)[0] for requirement in project["dependencies"]}
+    assert names == {"httpx", "websockets", "rich"}
+    assert set(project["scripts"]) == {
+        "caspian-watch",
+        "caspian-tail",
+        "caspian-exchanges",
+        "caspian-products",
+    }
+    # Imported with the server's packages made unimportable, every module loads.
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {SERVER_ONLY!r}:\n"
+        "            raise ImportError('server-only package: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import caspian_client, caspian_client.cli, caspian_client.sync\n"
+        "print(len(caspian_client.__all__))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert (client / "src" / "caspian_client" / "py.typed").exists()

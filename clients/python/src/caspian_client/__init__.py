@@ -19,6 +19,7 @@ from caspian_client.errors import (
     StreamClosed,
     SubscriptionError,
     TokenRefreshError,
+    Unreachable,
     UnsubscribeError,
 )
 from caspian_client.models import Exchange, Level1, Level2Message, LevelChange, Product, Token
@@ -72,5 +73,6 @@ __all__ = [
     "Token",
     "TokenRefreshError",
     "TokenRefreshed",
+    "Unreachable",
     "UnsubscribeError",
 ]

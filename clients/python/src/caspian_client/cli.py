@@ -81,9 +81,6 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     except (CaspianError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot reach the service: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -15,7 +15,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from caspian_client.errors import AuthenticationError, HTTPError, ServiceUnavailable
+from caspian_client.errors import (
+    AuthenticationError,
+    HTTPError,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unreachable,
+)
 from caspian_client.models import Exchange, Product, Token, timestamp
 
 if TYPE_CHECKING:
@@ -128,7 +134,7 @@ class Client:
 
     async def authenticate(self) -> Token:
         """Logs in afresh; the new token is also kept for the next requests."""
-        response = await self._http.post(f"{self.rest_url}/auth/authenticate", json=self._login)
+        response = await self._send("POST", "/auth/authenticate", self._login)
         if response.status_code != 200:
             raise _error(response, on_login=True)
         body = response.json()
@@ -150,6 +156,10 @@ class Client:
         self._token, self._token_received = token, time.monotonic()
         return token
 
+    def forget_token(self) -> None:
+        """Drops the kept token: the next request logs in again."""
+        self._token = None
+
     def refresh_due_in(self) -> float | None:
         """Seconds until the kept token should be replaced (None: no token, or its
         lifetime unknown): when a quarter of its lifetime is left, or half of it but
@@ -170,12 +180,22 @@ class Client:
             assert self._token is not None
             return self._token.access_token
 
+    async def _send(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        try:
+            return await self._http.request(
+                method, f"{self.rest_url}{path}", json=body, headers=headers
+            )
+        except httpx.TimeoutException:
+            raise RequestTimeout(f"{method} {path}", self.timeout) from None
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{self.rest_url}: {exc or type(exc).__name__}") from exc
+
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
         for attempt in range(2):
             token = await self.token(fresh=attempt > 0)
-            response = await self._http.request(
-                method, f"{self.rest_url}{path}", json=body, headers={"Authorization": token}
-            )
+            response = await self._send(method, path, body, {"Authorization": token})
             # A token that stopped being valid (expired, signing key rotated) gets one
             # more try with a new login.
             if response.status_code == 401 and attempt == 0:

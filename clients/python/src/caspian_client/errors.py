@@ -160,6 +160,13 @@ class RequestTimeout(CaspianError, TimeoutError):
         super().__init__(None, f"no answer to {what} within {seconds:g} s")
 
 
+class Unreachable(CaspianError, ConnectionError):
+    """The service could not be reached (refused, reset, name not found)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, "the service could not be reached", message)
+
+
 class StreamClosed(CaspianError):
     """The stream ended for good: closed by the user, or it can no longer log in."""
 

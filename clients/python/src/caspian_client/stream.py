@@ -573,9 +573,9 @@ class Stream:
             return
         self._emit(Disconnected(code, meaning(CLOSE_CODES, code), reason))
         if code in (3000, 3001, 3002):
-            # The token was refused: the next connection logs in afresh.
-            with contextlib.suppress(CaspianError, httpx.HTTPError):
-                await self.client.token(fresh=True)
+            # The token was refused: the next connection logs in afresh, and a login
+            # refused then (a revoked key) ends the stream instead of looping.
+            self.client.forget_token()
 
     def _dispatch(self, raw: str | bytes) -> None:
         try:
