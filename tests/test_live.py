@@ -762,7 +762,7 @@ async def test_bitmex_changes_before_the_partial_are_ignored() -> None:
         {"table": "orderBookL2", "action": "delete", "data": [{"symbol": "XBTUSD", "id": 1}]},
     ]
     await mock.start()
-    connection = BitmexConnection({"api": {"ws": mock.ws_url}}, 30.0)
+    connection = BitmexConnection.from_urls({"api": {"ws": mock.ws_url}})
     try:
         book = await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
         assert (book["bids"], book["asks"]) == mock.top(100)

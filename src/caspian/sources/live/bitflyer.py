@@ -25,21 +25,22 @@ catch a dead connection, the watchdog a silent one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from caspian.sources.live.adapter import Adapter
-from caspian.sources.live.native import Level, NativeConnection, sessions
-from caspian.sources.live.source import merged
+from caspian.sources.live.native import (
+    Level,
+    NativeConnection,
+    iso_ms,
+    levels,
+    sessions,
+    trade,
+)
 
 if TYPE_CHECKING:
     from caspian.sources.live.ccxt_pro import SymbolSessions
     from caspian.sources.live.registry import Exchange
     from caspian.sources.live.source import LiveSource
-
-_BITFLYER_WS = "wss://ws.lightstream.bitflyer.com"
-_PATH = "/json-rpc"
 
 #: The original API's example of bitFlyer's exchangeSpecificInfo: the side,
 #: then both orders' acceptance ids.
@@ -52,34 +53,17 @@ def client(source: LiveSource, exchange: Exchange) -> SymbolSessions:
     return sessions(source, exchange, ADAPTER, BitflyerConnection.from_urls)
 
 
-def _ms(exec_date: Any) -> int | None:
-    """Milliseconds of bitFlyer's execution times (``2019-03-04T05:50:53.7349458Z``)."""
-    if not isinstance(exec_date, str):
-        return None
-    return int(datetime.fromisoformat(exec_date).timestamp() * 1000)
-
-
 def _levels(rows: Any) -> list[Level]:
-    if not isinstance(rows, list):
-        return []
-    return [
-        (float(row["price"]), float(row["size"]))
-        for row in rows
-        # Price 0: market orders executed in an itayose, not resting orders.
-        if float(row["price"]) > 0
-    ]
+    # Price 0: market orders executed in an itayose, not resting orders.
+    return [level for level in levels(rows, "size") if level[0] > 0]
 
 
 class BitflyerConnection(NativeConnection):
     """One product's board and executions on bitFlyer's JSON-RPC 2.0 WebSocket."""
 
     name = "bitFlyer"
-
-    @classmethod
-    def from_urls(cls, urls: Mapping[str, Any]) -> BitflyerConnection:
-        """From ``{"api": {"ws": base}}`` (CONTRACT.md section 7): the base replaces bitFlyer's."""
-        base = str(merged({"api": {"ws": _BITFLYER_WS}}, urls)["api"]["ws"])
-        return cls(base.rstrip("/") + _PATH)
+    base_url = "wss://ws.lightstream.bitflyer.com"
+    path = "/json-rpc"
 
     def subscriptions(self, channel: str, symbol: str) -> list[Any]:
         if channel == "book":
@@ -121,14 +105,14 @@ class BitflyerConnection(NativeConnection):
         elif channel.startswith("lightning_executions_") and isinstance(data, list):
             self.add_trades(
                 [
-                    {
-                        "id": row.get("id"),
-                        "timestamp": _ms(row.get("exec_date")),
-                        "price": row.get("price"),
-                        "amount": row.get("size"),
-                        "side": row.get("side"),
-                        "info": row,
-                    }
+                    trade(
+                        row.get("id"),
+                        iso_ms(row.get("exec_date")),
+                        row.get("price"),
+                        row.get("size"),
+                        row.get("side"),
+                        row,
+                    )
                     for row in data
                     if isinstance(row, dict)
                 ]

@@ -8,14 +8,13 @@ on ``wss://ws.bitmex.com/realtime``: one connection per watched symbol, its
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
 from caspian.sources.integrity import IntegrityError
 from caspian.sources.live.adapter import Adapter
-from caspian.sources.live.native import Level, NativeConnection, sessions
+from caspian.sources.live.native import Level, NativeConnection, iso_ms, sessions, trade
 from caspian.sources.live.source import merged
 
 if TYPE_CHECKING:
@@ -23,10 +22,6 @@ if TYPE_CHECKING:
     from caspian.sources.live.registry import Exchange
     from caspian.sources.live.source import LiveSource
 
-#: BitMEX asks clients to ping once 5 s pass without a message; pinging every
-#: 5 s does that without tracking the silence.
-_BITMEX_PING_S = 5.0
-_BITMEX_WS = "wss://ws.bitmex.com/realtime"
 _TABLES = {"book": "orderBookL2", "trades": "trade"}
 
 #: Native ids (XBTUSD) name its products, as there are no ccxt markets.
@@ -34,16 +29,7 @@ ADAPTER = Adapter("bitmex", info_fields=("tickDirection",))
 
 
 def client(source: LiveSource, exchange: Exchange) -> SymbolSessions:
-    return sessions(
-        source, exchange, ADAPTER, lambda urls: BitmexConnection(urls, source.stall_timeout_s)
-    )
-
-
-def _ms(timestamp: Any) -> int | None:
-    """Milliseconds of one of BitMEX's ISO 8601 times (``2024-05-01T12:00:00.123Z``)."""
-    if not isinstance(timestamp, str):
-        return None
-    return int(datetime.fromisoformat(timestamp).timestamp() * 1000)
+    return sessions(source, exchange, ADAPTER, BitmexConnection.from_urls)
 
 
 class BitmexConnection(NativeConnection):
@@ -54,15 +40,21 @@ class BitmexConnection(NativeConnection):
     """
 
     name = "BitMEX"
+    base_url = "wss://ws.bitmex.com/realtime"
     # BitMEX's text pings are the heartbeat the watchdog sees; the protocol's
-    # own would not show as messages.
+    # own would not show as messages. It asks clients to ping once 5 s pass
+    # without a message; pinging every 5 s does that without tracking the silence.
     ping_text = "ping"
+    ping_s = 5.0
 
-    def __init__(self, urls: Mapping[str, Any], stall_timeout_s: float) -> None:
-        super().__init__(str(merged({"api": {"ws": _BITMEX_WS}}, urls)["api"]["ws"]))
-        # A pong well within the watchdog's limit keeps a quiet market from tripping it.
-        self.ping_s = min(_BITMEX_PING_S, stall_timeout_s / 3)
+    def __init__(self, ws_url: str) -> None:
+        super().__init__(ws_url)
         self._ids: dict[Any, tuple[str, float]] = {}
+
+    @classmethod
+    def from_urls(cls, urls: Mapping[str, Any]) -> Self:
+        """From ``{"api": {"ws": url}}``: the whole address, path included, replaces BitMEX's."""
+        return cls(str(merged({"api": {"ws": cls.base_url}}, urls)["api"]["ws"]))
 
     def subscriptions(self, channel: str, symbol: str) -> list[Any]:
         return [{"op": "subscribe", "args": [f"{_TABLES[channel]}:{symbol}"]}]
@@ -84,14 +76,14 @@ class BitmexConnection(NativeConnection):
             # The partial sent on subscribing is history.
             self.add_trades(
                 [
-                    {
-                        "id": row.get("trdMatchID"),
-                        "timestamp": _ms(row.get("timestamp")),
-                        "price": row.get("price"),
-                        "amount": row.get("size"),
-                        "side": row.get("side"),
-                        "info": row,
-                    }
+                    trade(
+                        row.get("trdMatchID"),
+                        iso_ms(row.get("timestamp")),
+                        row.get("price"),
+                        row.get("size"),
+                        row.get("side"),
+                        row,
+                    )
                     for row in rows
                 ]
             )
@@ -122,7 +114,7 @@ class BitmexConnection(NativeConnection):
                 levels.append((price, 0.0))
             else:
                 levels.append((price, float(row["size"])))
-            stamp = _ms(row.get("timestamp"))
+            stamp = iso_ms(row.get("timestamp"))
             if stamp is not None:
                 ms = stamp
         if action == "partial":

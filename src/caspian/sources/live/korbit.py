@@ -24,20 +24,16 @@ the watchdog, so a book quiet for ``stall_timeout_s`` costs a resubscribe.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from caspian.sources.live.adapter import Adapter
-from caspian.sources.live.native import Level, NativeConnection, sessions
-from caspian.sources.live.source import merged
+from caspian.sources.live.native import NativeConnection, levels, sessions, trade
 
 if TYPE_CHECKING:
     from caspian.sources.live.ccxt_pro import SymbolSessions
     from caspian.sources.live.registry import Exchange
     from caspian.sources.live.source import LiveSource
 
-_KORBIT_WS = "wss://ws-api.korbit.co.kr"
-_PATH = "/v2/public"
 _CHANNELS = {"book": "orderbook", "trades": "trade"}
 
 ADAPTER = Adapter("korbit")
@@ -45,12 +41,6 @@ ADAPTER = Adapter("korbit")
 
 def client(source: LiveSource, exchange: Exchange) -> SymbolSessions:
     return sessions(source, exchange, ADAPTER, KorbitConnection.from_urls)
-
-
-def _levels(rows: Any) -> list[Level]:
-    if not isinstance(rows, list):
-        return []
-    return [(float(row["price"]), float(row["qty"])) for row in rows]
 
 
 def _side(buyer_is_taker: Any) -> str | None:
@@ -67,12 +57,8 @@ class KorbitConnection(NativeConnection):
     """One pair's ``orderbook`` and ``trade`` channels on Korbit's public WebSocket."""
 
     name = "Korbit"
-
-    @classmethod
-    def from_urls(cls, urls: Mapping[str, Any]) -> KorbitConnection:
-        """From ``{"api": {"ws": base}}`` (CONTRACT.md section 7): the base replaces Korbit's."""
-        base = str(merged({"api": {"ws": _KORBIT_WS}}, urls)["api"]["ws"])
-        return cls(base.rstrip("/") + _PATH)
+    base_url = "wss://ws-api.korbit.co.kr"
+    path = "/v2/public"
 
     def subscriptions(self, channel: str, symbol: str) -> list[Any]:
         kind = _CHANNELS[channel]
@@ -92,19 +78,21 @@ class KorbitConnection(NativeConnection):
         kind, data = message.get("type"), message.get("data")
         if kind == "orderbook" and isinstance(data, dict):
             self.replace_book(
-                _levels(data.get("bids")), _levels(data.get("asks")), _ms(data.get("timestamp"))
+                levels(data.get("bids"), "qty"),
+                levels(data.get("asks"), "qty"),
+                _ms(data.get("timestamp")),
             )
         elif kind == "trade" and isinstance(data, list) and not message.get("snapshot"):
             self.add_trades(
                 [
-                    {
-                        "id": row.get("tradeId"),
-                        "timestamp": _ms(row.get("timestamp")),
-                        "price": row.get("price"),
-                        "amount": row.get("qty"),
-                        "side": _side(row.get("isBuyerTaker")),
-                        "info": row,
-                    }
+                    trade(
+                        row.get("tradeId"),
+                        _ms(row.get("timestamp")),
+                        row.get("price"),
+                        row.get("qty"),
+                        _side(row.get("isBuyerTaker")),
+                        row,
+                    )
                     for row in data
                     if isinstance(row, dict)
                 ]

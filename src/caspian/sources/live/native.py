@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from datetime import datetime
+from typing import Any, Self
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,7 +31,7 @@ from caspian.book import BookView, OrderBook
 from caspian.sources.live.adapter import Adapter
 from caspian.sources.live.ccxt_pro import SymbolSessions
 from caspian.sources.live.registry import Exchange
-from caspian.sources.live.source import LiveSource
+from caspian.sources.live.source import LiveSource, merged
 
 Level = tuple[float, float]
 
@@ -42,12 +43,42 @@ def sessions(
     connection: Callable[[Mapping[str, Any]], NativeConnection],
 ) -> SymbolSessions:
     """The sessions of an exchange whose connections ``connection`` makes from its URL overrides."""
-    return SymbolSessions(
-        source,
-        exchange.code,
-        adapter,
-        new_exchange=lambda: connection(source.urls.get(exchange.code, {})),
-    )
+
+    def new_connection() -> NativeConnection:
+        made = connection(source.urls.get(exchange.code, {}))
+        # A pong well within the watchdog's limit keeps a quiet market from tripping it.
+        made.ping_s = min(made.ping_s, source.stall_timeout_s / 3)
+        return made
+
+    return SymbolSessions(source, exchange.code, adapter, new_exchange=new_connection)
+
+
+def iso_ms(value: Any) -> int | None:
+    """Milliseconds of an ISO 8601 time (``2019-03-04T05:50:53.7349458Z``); None if not a string."""
+    if not isinstance(value, str):
+        return None
+    return int(datetime.fromisoformat(value).timestamp() * 1000)
+
+
+def levels(rows: Any, size: str) -> list[Level]:
+    """Levels of rows ``{"price": ..., size: ...}``, numbers or strings; none if not a list."""
+    if not isinstance(rows, list):
+        return []
+    return [(float(row["price"]), float(row[size])) for row in rows]
+
+
+def trade(
+    trade_id: Any, ms: int | None, price: Any, amount: Any, side: str | None, info: Any
+) -> dict[str, Any]:
+    """One trade in ccxt's layout, as :meth:`NativeConnection.add_trades` takes it."""
+    return {
+        "id": trade_id,
+        "timestamp": ms,
+        "price": price,
+        "amount": amount,
+        "side": side,
+        "info": info,
+    }
 
 
 class NativeConnection:
@@ -55,6 +86,9 @@ class NativeConnection:
 
     #: Named in errors.
     name = "the exchange"
+    #: The exchange's base address and the path :meth:`from_urls` keeps after it.
+    base_url = ""
+    path = ""
     #: A text message the exchange asks for every ``ping_s`` seconds (BitMEX's
     #: ``ping``): its answer is a message, which the watchdog sees, so it
     #: replaces the protocol's pings. None: the protocol's pings.
@@ -78,6 +112,12 @@ class NativeConnection:
         self._trades: list[dict[str, Any]] = []
         self._request_ids = itertools.count(1)
         self._requests: dict[int, str] = {}
+
+    @classmethod
+    def from_urls(cls, urls: Mapping[str, Any]) -> Self:
+        """From ``{"api": {"ws": base}}`` (CONTRACT.md section 7): base replaced, path kept."""
+        base = str(merged({"api": {"ws": cls.base_url}}, urls)["api"]["ws"])
+        return cls(base.rstrip("/") + cls.path)
 
     # -- what subclasses speak --------------------------------------------------
 
@@ -121,7 +161,7 @@ class NativeConnection:
         self._book_updated(ms)
 
     def add_trades(self, trades: list[dict[str, Any]]) -> None:
-        """Trades in ccxt's layout: id, timestamp (ms), price, amount, side, info."""
+        """Trades as :func:`trade` makes them."""
         if trades:
             self._trades += trades
             self._notify()

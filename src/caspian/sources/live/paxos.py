@@ -20,20 +20,23 @@ book that crosses is rebuilt; a lost update is not otherwise visible.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from caspian.sources.live.adapter import Adapter
-from caspian.sources.live.native import Level, NativeConnection, sessions
-from caspian.sources.live.source import merged
+from caspian.sources.live.native import (
+    Level,
+    NativeConnection,
+    iso_ms,
+    levels,
+    sessions,
+    trade,
+)
 
 if TYPE_CHECKING:
     from caspian.sources.live.ccxt_pro import SymbolSessions
     from caspian.sources.live.registry import Exchange
     from caspian.sources.live.source import LiveSource
 
-_PAXOS_WS = "wss://ws.paxos.com"
 _PATHS = {"book": "/marketdata/", "trades": "/executiondata/"}
 
 #: match_number is Paxos's own execution id, which it asks clients to dedupe by.
@@ -44,33 +47,17 @@ def client(source: LiveSource, exchange: Exchange) -> SymbolSessions:
     return sessions(source, exchange, ADAPTER, PaxosConnection.from_urls)
 
 
-def _levels(rows: Any) -> list[Level]:
-    if not isinstance(rows, list):
-        return []
-    return [(float(row["price"]), float(row["amount"])) for row in rows]
-
-
-def _ms(executed_at: Any) -> int | None:
-    if not isinstance(executed_at, str):
-        return None
-    return int(datetime.fromisoformat(executed_at).timestamp() * 1000)
-
-
 class PaxosConnection(NativeConnection):
     """One market's ``marketdata`` and ``executiondata`` feeds."""
 
     name = "Paxos"
+    base_url = "wss://ws.paxos.com"
 
     def __init__(self, base_url: str) -> None:
         super().__init__(base_url)
         self._snapshot: tuple[list[Level], list[Level]] | None = None
         #: Executions before this (ms) happened before the connection.
         self._trades_from_ms: int | None = None
-
-    @classmethod
-    def from_urls(cls, urls: Mapping[str, Any]) -> PaxosConnection:
-        """From ``{"api": {"ws": base}}`` (CONTRACT.md section 7): the base replaces Paxos's."""
-        return cls(str(merged({"api": {"ws": _PAXOS_WS}}, urls)["api"]["ws"]).rstrip("/"))
 
     def address(self, channel: str, symbol: str) -> str:
         return self.ws_url + _PATHS[channel] + symbol
@@ -87,8 +74,8 @@ class PaxosConnection(NativeConnection):
         kind = message.get("type")
         if kind == "SNAPSHOT":
             bids, asks = self._snapshot or ([], [])
-            bids += _levels(message.get("bids"))
-            asks += _levels(message.get("asks"))
+            bids += levels(message.get("bids"), "amount")
+            asks += levels(message.get("asks"), "amount")
             if str(message.get("final_snapshot")).lower() == "true":
                 self._snapshot = None
                 self.replace_book(bids, asks, None)
@@ -102,19 +89,19 @@ class PaxosConnection(NativeConnection):
             elif side == "SELL":
                 self.change_book((), level, None)
         elif "match_number" in message:
-            executed_ms = _ms(message.get("executed_at"))
+            executed_ms = iso_ms(message.get("executed_at"))
             since = self._trades_from_ms
             if executed_ms is not None and since is not None and executed_ms < since:
                 return
             self.add_trades(
                 [
-                    {
-                        "id": message.get("match_number"),
-                        "timestamp": executed_ms,
-                        "price": message.get("price"),
-                        "amount": message.get("amount"),
-                        "side": None,
-                        "info": message,
-                    }
+                    trade(
+                        message.get("match_number"),
+                        executed_ms,
+                        message.get("price"),
+                        message.get("amount"),
+                        None,
+                        message,
+                    )
                 ]
             )
