@@ -7,6 +7,7 @@ import itertools
 import re
 import socket
 import time
+from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from caspian.catalog.product import ProductSpec
 from caspian.codes import Stream, StreamState
 from caspian.events import StatusEvent
 from caspian.gateway.connection import StreamConnection
@@ -30,6 +32,12 @@ SYMBOL = "FX-BTC/USD=GEMINI"
 SAMPLE = files("caspian.sources").joinpath("data", "sample.jsonl.gz")
 OTHER = "FX-ETH/USD=GEMINI"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
+
+
+def served(catalog: Iterable[ProductSpec]) -> list[str]:
+    """The codes of the catalog's products the simulator streams (none expired)."""
+    now = now_us()
+    return [product.caspian_code for product in catalog if not product.expired(now)]
 
 
 def connections(running: RunningService) -> list[StreamConnection]:
@@ -487,7 +495,7 @@ async def test_slow_client_is_closed_3007_and_others_continue(
     running = start_service(tmp_path, simulator_rate=100.0, **bound)
     try:
         token = await asyncio.to_thread(running.token)
-        symbols = [p.caspian_code for p in list(running.listening.service.catalog)[:30]]
+        symbols = served(running.listening.service.catalog)[:30]
         raw = small_window_socket(running.stream_url)
         reader, writer = await asyncio.open_connection(sock=raw)
         from websockets.client import ClientProtocol
@@ -555,7 +563,7 @@ async def test_a_stalled_client_reads_on_with_nothing_lost(tmp_path: Path) -> No
     try:
         token = await asyncio.to_thread(running.token)
         service = running.listening.service
-        symbols = [p.caspian_code for p in list(service.catalog)[:8]]
+        symbols = served(service.catalog)[:8]
         raw = small_window_socket(running.stream_url)
         # The client's small message queue makes it stop reading the socket
         # while the test does not call recv.
@@ -637,10 +645,10 @@ async def test_store_failure_during_authentication_closes_3004(tmp_path: Path) -
         token = await asyncio.to_thread(running.token)
         store = running.listening.service.store
 
-        async def broken(kind: str, subject: str) -> Any:
+        async def broken(token_id: str, kind: str, subject: str) -> Any:
             raise RuntimeError("store exploded")
 
-        store.principal = broken  # type: ignore[method-assign]
+        store.token_standing = broken  # type: ignore[method-assign]
         c = await StreamClient.open(running.stream_url, token)
         assert await c.closed_with() == 3004
     finally:
@@ -724,7 +732,7 @@ async def test_the_first_message_of_a_cold_subscription_reports_no_false_outage(
 ) -> None:
     c = await client(service)
     # Symbols nobody watched yet: the simulator starts them at once.
-    symbols = [p.caspian_code for p in list(service.listening.service.catalog)[40:44]]
+    symbols = served(service.listening.service.catalog)[40:44]
 
     async def first_update(symbol: str, type_: str) -> dict[str, Any]:
         request_id = await c.subscribe(symbol, type_)
