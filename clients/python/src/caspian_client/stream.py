@@ -302,7 +302,7 @@ class Stream:
         self._all: dict[Subscription, None] = {}
         self._by_id: dict[str, Subscription] = {}
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._listeners: list[asyncio.Queue[Event]] = []
+        self._listeners: list[asyncio.Queue[Event | None]] = []
         self._ws: ClientConnection | None = None
         self._connection = 0
         self._first: asyncio.Future[None] | None = None
@@ -386,12 +386,12 @@ class Stream:
     async def events(self) -> AsyncIterator[Event]:
         """Connection and stream-status events from now on, until the stream closes."""
         queue: asyncio.Queue[Event | None] = asyncio.Queue(10_000)
-        self._listeners.append(queue)  # type: ignore[arg-type]
+        self._listeners.append(queue)
         try:
             while (event := await queue.get()) is not None:
                 yield event
         finally:
-            self._listeners.remove(queue)  # type: ignore[arg-type]
+            self._listeners.remove(queue)
 
     # -- internals ---------------------------------------------------------
 
@@ -494,11 +494,14 @@ class Stream:
             subscription._put_nowait(_END)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         error: str | None = None
         while not self._closing:
             retry_after = 0.0
             try:
                 token = await self.client.token()
+                # The REST side may log in again meanwhile: the connection keeps its own.
+                refresh_in = self.client.refresh_due_in()
                 ws = await connect(
                     self.client.stream_url,
                     additional_headers={"Authorization": token},
@@ -522,7 +525,8 @@ class Stream:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 error = None
-                await self._serve(ws)
+                due = None if refresh_in is None else loop.time() + refresh_in
+                await self._serve(ws, due)
                 if self._closing:
                     return
             delay = self.backoff.next_delay(retry_after)
@@ -540,7 +544,7 @@ class Stream:
         for listener in self._listeners:
             _offer(listener, None)
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, ws: ClientConnection, token_due: float | None) -> None:
         self._connection += 1
         connection = self._connection
         self._ws = ws
@@ -552,7 +556,7 @@ class Stream:
             if isinstance(subscription, Level2Subscription) and subscription.lapsed:
                 continue  # subscribed again when its consumer reads on
             self._spawn(self._send_subscribe(ws, connection, subscription))
-        refresher = asyncio.create_task(self._refresh_tokens(ws))
+        refresher = asyncio.create_task(self._refresh_tokens(ws, token_due))
         try:
             async for raw in ws:
                 self._dispatch(raw)
@@ -620,33 +624,35 @@ class Stream:
                     StatusChanged(subscription.symbol, subscription.request_id, name, status)
                 )
 
-    async def _refresh_tokens(self, ws: ClientConnection) -> None:
-        """Replaces the connection's token before it expires, for as long as it is up."""
+    async def _refresh_tokens(self, ws: ClientConnection, due: float | None) -> None:
+        """Replaces the connection's token before it expires, for as long as it is up.
+        ``due`` is when (loop time) the token the connection runs on should be
+        replaced; None when the server did not say when tokens expire."""
+        loop = asyncio.get_running_loop()
         retry = Backoff(initial=1.0, maximum=30.0)
-        while True:
-            due = self.client.refresh_due_in()
-            if due is None:
-                return  # the server did not say when the token expires
-            await asyncio.sleep(max(0.0, due))
+        while due is not None:
+            await asyncio.sleep(max(0.0, due - loop.time()))
             try:
                 token = await self.client.token(fresh=True)
+                next_due = self.client.refresh_due_in()
                 answer = await self._request(ws, "TokenRefresh", {"accessToken": token})
             except ConnectionClosed:
                 return
             except (CaspianError, httpx.HTTPError) as exc:
-                # Kept trying until the token runs out; then the server closes 3002 and
+                # Tried again until the token runs out; then the server closes 3002 and
                 # the reconnect logs in afresh.
                 error = exc if isinstance(exc, CaspianError) else None
                 self._emit(ServerProblem(error, {"TokenRefresh": str(exc)}))
-                await asyncio.sleep(retry.next_delay())
+                due = loop.time() + retry.next_delay()
                 continue
             code = _code(answer)
             if code == 200:
                 retry.reset()
                 self._emit(TokenRefreshed())
+                due = None if next_due is None else loop.time() + next_due
             else:
                 self._emit(ServerProblem(TokenRefreshError(code, _message(answer)), answer))
-                await asyncio.sleep(retry.next_delay())
+                due = loop.time() + retry.next_delay()
 
 
 def _offer(queue: asyncio.Queue[Any], item: Any) -> None:
