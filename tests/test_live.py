@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ccxt.pro
 import pytest
@@ -52,6 +52,7 @@ from caspian.sources.live import (
 from caspian.sources.live.bitmex import BitmexConnection
 from caspian.sources.live.ccxt_pro import SymbolSessions, _Session, _Symbol
 from caspian.sources.live.feed import SymbolFeed
+from caspian.sources.live.native import NativeConnection
 from tests.support.client import StreamClient, apply_level2
 from tests.support.mock_bitfinex import BitfinexMock
 from tests.support.mock_bitflyer import BitflyerMock
@@ -77,6 +78,8 @@ from tests.support.mock_okx import OkxMock
 from tests.support.mock_paxos import PaxosMock
 from tests.support.mock_poloniex import PoloniexMock
 from tests.support.service import start_service
+
+_C = TypeVar("_C", bound=NativeConnection)
 
 PRODUCTS = {product.caspian_code: product for product in builtin_products()}
 MARKETS = builtin_markets()
@@ -495,6 +498,53 @@ async def started(venue: Venue, source: LiveSource, c: Collector, mock: MockExch
     await until(lambda: synced(c, mock))
 
 
+async def assert_lost_change_healed(venue: Venue, heal: Callable[[Any], Awaitable[object]]) -> None:
+    """A change lost on an exchange that numbers nothing is healed by the message ``heal`` sends.
+
+    Healed in place: a diff, no outage.
+    """
+    async with streaming(venue) as (source, c, mock):
+        await started(venue, source, c, mock)
+        mark = len(c.events)
+        mock.lose_update(bids=[(99.0, 0.0), (99.5, 3.0)])  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        assert not synced(c, mock)
+        await heal(mock)
+        await until(lambda: synced(c, mock))
+        books = books_since(c, mark)
+        assert books and not any(book.snapshot for book in books)
+        assert not went_down(c, mark)
+
+
+async def assert_refusal_retried(venue: Venue, reason: str) -> None:
+    """``venue``'s mock refuses its symbol: an outage with ``reason``, retried, and no book."""
+    async with streaming(venue) as (source, c, _):
+        labels = {"exchange": venue.code, "symbol": venue.symbol, "reason": reason}
+        before = sample("caspian_resyncs_total", **labels)
+        source.watch(venue.symbol)
+        await until(lambda: sample("caspian_resyncs_total", **labels) >= before + 2)
+        assert c.states[Stream.DEPTH] is StreamState.DISCONNECTED
+        assert not [e for e in c.events if isinstance(e, BookEvent)]
+
+
+@contextlib.asynccontextmanager
+async def connected(mock: MockExchange, kind: type[_C]) -> AsyncIterator[_C]:
+    """Starts ``mock`` and a connection of ``kind`` to it, outside any source."""
+    await mock.start()
+    connection = kind.from_urls({"api": {"ws": mock.ws_url}})
+    try:
+        yield connection
+    finally:
+        await connection.close()
+        await mock.stop()
+
+
+async def next_book(connection: NativeConnection, symbol: str) -> tuple[list[Level], list[Level]]:
+    """The connection's next book of ``symbol``, whole."""
+    book = await asyncio.wait_for(connection.watch_order_book(symbol), 5)
+    return book["bids"], book["asks"]
+
+
 # -- per exchange family -----------------------------------------------------------
 
 
@@ -761,20 +811,13 @@ async def test_bitmex_changes_before_the_partial_are_ignored() -> None:
         },
         {"table": "orderBookL2", "action": "delete", "data": [{"symbol": "XBTUSD", "id": 1}]},
     ]
-    await mock.start()
-    connection = BitmexConnection.from_urls({"api": {"ws": mock.ws_url}})
-    try:
-        book = await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
-        assert (book["bids"], book["asks"]) == mock.top(100)
+    async with connected(mock, BitmexConnection) as connection:
+        assert await next_book(connection, "XBTUSD") == mock.top(100)
         await mock.update(bids=[(99.0, 0.0)], asks=[(100.0, 3.0)])
-        book = await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
-        assert (book["bids"], book["asks"]) == mock.top(100)
+        assert await next_book(connection, "XBTUSD") == mock.top(100)
         mock.drop()
         with pytest.raises(ConnectionClosed):
-            await asyncio.wait_for(connection.watch_order_book("XBTUSD"), 5)
-    finally:
-        await connection.close()
-        await mock.stop()
+            await next_book(connection, "XBTUSD")
 
 
 # -- watching ---------------------------------------------------------------------

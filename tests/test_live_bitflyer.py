@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from caspian.codes import Stream, StreamState
-from caspian.events import BookEvent, TradeEvent
+from caspian.events import TradeEvent
 from caspian.sources.live import LIVE_URLS_ENV
 from caspian.sources.live.bitflyer import BitflyerConnection
 from tests.support.client import StreamClient
@@ -28,8 +27,11 @@ from tests.test_live import (
     DEPTH,
     PRODUCTS,
     VENUES,
+    assert_lost_change_healed,
+    assert_refusal_retried,
     books_since,
-    sample,
+    connected,
+    next_book,
     started,
     streaming,
     synced,
@@ -57,19 +59,7 @@ def test_live_urls_replace_the_base_address_and_keep_the_path() -> None:
 
 
 async def test_a_lost_change_is_healed_by_the_next_snapshot() -> None:
-    async with streaming(BITFLYER) as (source, c, mock):
-        await started(BITFLYER, source, c, mock)
-        assert isinstance(mock, BitflyerMock)
-        mark = len(c.events)
-        mock.lose_update(bids=[(99.0, 0.0), (99.5, 3.0)])
-        await asyncio.sleep(0.1)
-        assert not synced(c, mock)
-        await mock.snapshot()
-        await until(lambda: synced(c, mock))
-        # Healed in place: a diff, no outage.
-        books = books_since(c, mark)
-        assert books and not any(book.snapshot for book in books)
-        assert not went_down(c, mark)
+    await assert_lost_change_healed(BITFLYER, BitflyerMock.snapshot)
 
 
 async def test_changes_before_the_first_snapshot_make_no_book() -> None:
@@ -79,18 +69,11 @@ async def test_changes_before_the_first_snapshot_make_no_book() -> None:
     mock.before_snapshot = [
         {"mid_price": 99.5, "bids": [{"price": 99.25, "size": 4.0}], "asks": []}
     ]
-    await mock.start()
-    connection = BitflyerConnection.from_urls({"api": {"ws": mock.ws_url}})
-    try:
-        book = await asyncio.wait_for(connection.watch_order_book("BTC_JPY"), 5)
+    async with connected(mock, BitflyerConnection) as connection:
         # The snapshot's levels come unordered; the book is sorted.
-        assert (book["bids"], book["asks"]) == mock.top(100)
+        assert await next_book(connection, "BTC_JPY") == mock.top(100)
         await mock.update(bids=[(99.0, 0.0)], asks=[(100.0, 3.0)])
-        book = await asyncio.wait_for(connection.watch_order_book("BTC_JPY"), 5)
-        assert (book["bids"], book["asks"]) == mock.top(100)
-    finally:
-        await connection.close()
-        await mock.stop()
+        assert await next_book(connection, "BTC_JPY") == mock.top(100)
 
 
 async def test_itayose_market_orders_are_not_levels() -> None:
@@ -132,13 +115,7 @@ async def test_executions_come_with_their_order_ids_in_order() -> None:
 async def test_a_refused_subscription_is_an_outage_retried() -> None:
     """A product bitFlyer does not know: the error is an outage, retried with backoff."""
     venue = dataclasses.replace(BITFLYER, mock=lambda: BitflyerMock("ETH_BTC"))
-    async with streaming(venue) as (source, c, _):
-        labels = {"exchange": "BITFLYER", "symbol": venue.symbol, "reason": "error"}
-        errors = sample("caspian_resyncs_total", **labels)
-        source.watch(venue.symbol)
-        await until(lambda: sample("caspian_resyncs_total", **labels) >= errors + 2)
-        assert c.states[Stream.DEPTH] is StreamState.DISCONNECTED
-        assert not [e for e in c.events if isinstance(e, BookEvent)]
+    await assert_refusal_retried(venue, "error")
 
 
 async def test_the_perpetual_streams_on_its_own_channels() -> None:

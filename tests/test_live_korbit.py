@@ -5,23 +5,18 @@ The tests every exchange shares run it from tests/test_live.py's VENUES.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
-from caspian.codes import Stream, StreamState
 from caspian.events import BookEvent
 from caspian.sources.live.korbit import KorbitConnection
 from tests.support.mock_korbit import KorbitMock
 from tests.test_live import (
     PRODUCTS,
     VENUES,
-    books_since,
-    sample,
+    assert_lost_change_healed,
+    assert_refusal_retried,
     started,
     streaming,
-    synced,
-    until,
-    went_down,
 )
 
 KORBIT = next(venue for venue in VENUES if venue.code == "KORBIT")
@@ -40,17 +35,7 @@ def test_live_urls_replace_the_base_address_and_keep_the_path() -> None:
 
 async def test_a_dropped_message_is_repaired_by_the_next() -> None:
     """Korbit may drop public messages under load; each one is the whole top 30."""
-    async with streaming(KORBIT) as (source, c, mock):
-        await started(KORBIT, source, c, mock)
-        assert isinstance(mock, KorbitMock)
-        mark = len(c.events)
-        mock.lose_update(bids=[(99.0, 0.0), (99.5, 3.0)])
-        await asyncio.sleep(0.1)
-        assert not synced(c, mock)
-        await mock.update(asks=[(101.0, 7.0)])
-        await until(lambda: synced(c, mock))
-        assert not any(book.snapshot for book in books_since(c, mark))
-        assert not went_down(c, mark)
+    await assert_lost_change_healed(KORBIT, lambda mock: mock.update(asks=[(101.0, 7.0)]))
 
 
 async def test_books_carry_korbits_book_time() -> None:
@@ -62,10 +47,4 @@ async def test_books_carry_korbits_book_time() -> None:
 
 async def test_an_unknown_symbol_is_an_outage_retried() -> None:
     venue = dataclasses.replace(KORBIT, mock=lambda: KorbitMock("eth_krw"))
-    async with streaming(venue) as (source, c, _):
-        labels = {"exchange": "KORBIT", "symbol": venue.symbol, "reason": "error"}
-        errors = sample("caspian_resyncs_total", **labels)
-        source.watch(venue.symbol)
-        await until(lambda: sample("caspian_resyncs_total", **labels) >= errors + 2)
-        assert c.states[Stream.DEPTH] is StreamState.DISCONNECTED
-        assert not [e for e in c.events if isinstance(e, BookEvent)]
+    await assert_refusal_retried(venue, "error")

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 
 from caspian.codes import Stream, StreamState
-from caspian.events import BookEvent, TradeEvent
+from caspian.events import TradeEvent
 from caspian.sources.live.paxos import PaxosConnection
 from tests.support.mock_paxos import PaxosMock
 from tests.test_live import (
@@ -17,7 +17,9 @@ from tests.test_live import (
     BIDS,
     PRODUCTS,
     VENUES,
-    sample,
+    assert_refusal_retried,
+    connected,
+    next_book,
     started,
     streaming,
     until,
@@ -43,14 +45,8 @@ async def test_a_snapshot_in_parts_makes_one_book() -> None:
     mock = PaxosMock()
     mock.set_book(BIDS, ASKS)
     mock.snapshot_parts = 3
-    await mock.start()
-    connection = PaxosConnection.from_urls({"api": {"ws": mock.ws_url}})
-    try:
-        book = await asyncio.wait_for(connection.watch_order_book("BTCUSD"), 5)
-        assert (book["bids"], book["asks"]) == mock.top(100)
-    finally:
-        await connection.close()
-        await mock.stop()
+    async with connected(mock, PaxosConnection) as connection:
+        assert await next_book(connection, "BTCUSD") == mock.top(100)
 
 
 async def test_the_execution_replayed_on_reconnecting_is_not_sent_again() -> None:
@@ -71,11 +67,6 @@ async def test_the_execution_replayed_on_reconnecting_is_not_sent_again() -> Non
 
 
 async def test_an_unknown_market_is_an_outage_retried() -> None:
+    # Paxos closes the connection to a market it does not list.
     venue = dataclasses.replace(PAXOS, mock=lambda: PaxosMock("ETHUSD"))
-    async with streaming(venue) as (source, c, _):
-        labels = {"exchange": "ITBIT", "symbol": venue.symbol, "reason": "disconnect"}
-        drops = sample("caspian_resyncs_total", **labels)
-        source.watch(venue.symbol)
-        await until(lambda: sample("caspian_resyncs_total", **labels) >= drops + 2)
-        assert c.states[Stream.DEPTH] is StreamState.DISCONNECTED
-        assert not [e for e in c.events if isinstance(e, BookEvent)]
+    await assert_refusal_retried(venue, "disconnect")

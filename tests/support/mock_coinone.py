@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from decimal import Decimal
 
 from websockets.asyncio.server import ServerConnection
 
-from tests.support.mock_exchanges import Level, Message, MockExchange, ms_now
-
-
-def _plain(value: float) -> str:
-    """Coinone writes numbers as short decimal strings: ``"58412000"``, ``"695.5"``."""
-    return format(Decimal(repr(value)).normalize(), "f")
+from tests.support.mock_exchanges import Level, Message, MockExchange, ms_now, plain
 
 
 class CoinoneMock(MockExchange):
@@ -75,21 +69,14 @@ class CoinoneMock(MockExchange):
                 # Only ever larger: the time and a counter, as Coinone writes it.
                 "id": f"{now}{next(self._message_ids) % 1000:03d}",
                 # Coinone lists asks from the highest down, as its order book page shows them.
-                "asks": [{"price": _plain(p), "qty": _plain(q)} for p, q in reversed(best_asks)],
-                "bids": [{"price": _plain(p), "qty": _plain(q)} for p, q in best_bids],
+                "asks": [{"price": plain(p), "qty": plain(q)} for p, q in reversed(best_asks)],
+                "bids": [{"price": plain(p), "qty": plain(q)} for p, q in best_bids],
             },
         }
 
     async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         """Publishes the book with the changes, which the mock's own book may not have taken."""
-        book = {"bids": dict(self.bids), "asks": dict(self.asks)}
-        for side, levels in (("bids", bids), ("asks", asks)):
-            for price, qty in levels:
-                if qty == 0:
-                    book[side].pop(price, None)
-                else:
-                    book[side][price] = qty
-        await self.publish("ORDERBOOK", self._orderbook(book["bids"], book["asks"]))
+        await self.publish("ORDERBOOK", self._orderbook(*self.changed(bids, asks)))
 
     async def trade(self, price: float, qty: float, seller_is_maker: bool) -> Message:
         """A trade; ``is_seller_maker`` true means a resting sell order met a buying taker."""
@@ -98,8 +85,8 @@ class CoinoneMock(MockExchange):
             **self._topic(),
             "id": f"{now}{next(self._message_ids) % 1000:03d}",
             "timestamp": now,
-            "price": _plain(price),
-            "qty": _plain(qty),
+            "price": plain(price),
+            "qty": plain(qty),
             "is_seller_maker": seller_is_maker,
         }
         await self.publish("TRADE", {"response_type": "DATA", "channel": "TRADE", "data": data})

@@ -48,6 +48,19 @@ def ms_now() -> int:
     return time.time_ns() // 1_000_000
 
 
+def plain(value: float) -> str:
+    """A number as a plain decimal string, as Korbit, Coinone and Paxos write it: ``"0.00499"``."""
+    return format(Decimal(repr(value)).normalize(), "f")
+
+
+def _set_levels(side: dict[float, float], levels: Iterable[Level]) -> None:
+    for price, size in levels:
+        if size == 0:
+            side.pop(price, None)
+        else:
+            side[price] = size
+
+
 class MockExchange:
     """What every mock shares: the server, the book, subscriptions and failure modes."""
 
@@ -226,12 +239,17 @@ class MockExchange:
         self.asks = dict(asks)
 
     def apply(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
-        for side, levels in ((self.bids, bids), (self.asks, asks)):
-            for price, size in levels:
-                if size == 0:
-                    side.pop(price, None)
-                else:
-                    side[price] = size
+        _set_levels(self.bids, bids)
+        _set_levels(self.asks, asks)
+
+    def changed(
+        self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()
+    ) -> tuple[dict[float, float], dict[float, float]]:
+        """The bids and asks as the changes would make them; the mock's own book stays."""
+        new_bids, new_asks = dict(self.bids), dict(self.asks)
+        _set_levels(new_bids, bids)
+        _set_levels(new_asks, asks)
+        return new_bids, new_asks
 
     def top(self, n: int) -> tuple[list[Level], list[Level]]:
         """The best ``n`` levels of each side, best first."""

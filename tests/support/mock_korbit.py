@@ -19,19 +19,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from decimal import Decimal
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 
-from tests.support.mock_exchanges import Level, Message, MockExchange, ms_now
+from tests.support.mock_exchanges import Level, Message, MockExchange, ms_now, plain
 
 DEPTH = 30
-
-
-def _plain(value: float) -> str:
-    """Korbit writes numbers as plain decimal strings: ``"116455000"``, ``"0.00499"``."""
-    return format(Decimal(repr(value)).normalize(), "f")
 
 
 class KorbitMock(MockExchange):
@@ -97,22 +91,15 @@ class KorbitMock(MockExchange):
             "orderbook",
             {
                 "timestamp": ms_now(),
-                "asks": [{"price": _plain(p), "qty": _plain(q)} for p, q in best_asks],
-                "bids": [{"price": _plain(p), "qty": _plain(q)} for p, q in best_bids],
+                "asks": [{"price": plain(p), "qty": plain(q)} for p, q in best_asks],
+                "bids": [{"price": plain(p), "qty": plain(q)} for p, q in best_bids],
             },
             snapshot,
         )
 
     async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         """Publishes the top 30 with the changes, which the mock's own book may not have taken."""
-        book = {"bids": dict(self.bids), "asks": dict(self.asks)}
-        for side, levels in (("bids", bids), ("asks", asks)):
-            for price, qty in levels:
-                if qty == 0:
-                    book[side].pop(price, None)
-                else:
-                    book[side][price] = qty
-        await self.publish("orderbook", self._orderbook(book["bids"], book["asks"]))
+        await self.publish("orderbook", self._orderbook(*self.changed(bids, asks)))
 
     def lose_update(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         """A change whose message the server dropped under load."""
@@ -121,8 +108,8 @@ class KorbitMock(MockExchange):
     def _trade(self, price: float, qty: float, buyer_is_taker: bool) -> Message:
         return {
             "timestamp": ms_now(),
-            "price": _plain(price),
-            "qty": _plain(qty),
+            "price": plain(price),
+            "qty": plain(qty),
             "isBuyerTaker": buyer_is_taker,
             "tradeId": next(self._trade_ids),
         }

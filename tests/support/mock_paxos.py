@@ -21,15 +21,10 @@ import itertools
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from decimal import Decimal
 
 from websockets.asyncio.server import ServerConnection
 
-from tests.support.mock_exchanges import Level, Message, MockExchange
-
-
-def _plain(value: float) -> str:
-    return format(Decimal(repr(value)).normalize(), "f")
+from tests.support.mock_exchanges import Level, Message, MockExchange, plain
 
 
 def executed_at(seconds_ago: float = 0.0) -> str:
@@ -82,7 +77,7 @@ class PaxosMock(MockExchange):
 
     @staticmethod
     def _rows(levels: Iterable[Level]) -> list[Message]:
-        return [{"price": _plain(p), "amount": _plain(a)} for p, a in levels]
+        return [{"price": plain(p), "amount": plain(a)} for p, a in levels]
 
     async def send_changes(self, bids: Iterable[Level] = (), asks: Iterable[Level] = ()) -> None:
         for side, levels in (("BUY", bids), ("SELL", asks)):
@@ -93,8 +88,8 @@ class PaxosMock(MockExchange):
                         "type": "UPDATE",
                         "market": self.market,
                         "side": side,
-                        "price": _plain(price),
-                        "amount": _plain(amount),
+                        "price": plain(price),
+                        "amount": plain(amount),
                     },
                 )
 
@@ -104,8 +99,8 @@ class PaxosMock(MockExchange):
     def execution(self, price: float, amount: float, seconds_ago: float = 0.0) -> Message:
         return {
             "market": self.market,
-            "price": _plain(price),
-            "amount": _plain(amount),
+            "price": plain(price),
+            "amount": plain(amount),
             "executed_at": executed_at(seconds_ago),
             "match_number": str(next(self._match_numbers)),
         }
