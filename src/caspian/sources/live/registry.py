@@ -94,9 +94,9 @@ EXCHANGES: tuple[Exchange, ...] = (
         "binance",
         "binance",
         checks=("update-id chain U/u against the REST snapshot (Caspian)", _CROSSED),
-        notes="Spot: diff depth @100ms after a REST snapshot, one connection for every "
-        "watched symbol, subscribed and unsubscribed on the fly. Futures and perpetuals: "
-        "ccxt.pro, which checks their update ids.",
+        notes="Spot: diff depth @100ms after a REST snapshot, one connection for up to 512 "
+        "watched symbols (Binance's 1,024 streams), subscribed and unsubscribed on the fly. "
+        "Futures and perpetuals: ccxt.pro, which checks their update ids.",
     ),
     Exchange(
         "BITFINEX",
