@@ -450,8 +450,11 @@ async def test_a_server_restart_on_the_same_port(tmp_path: Path) -> None:
                 1001,
                 "Server shutting down",
             )
-            # While it is down, connecting fails and is tried again.
-            await log.wait_for(lambda e: isinstance(e, Reconnecting) and e.error is not None)
+            # While it is down, connecting fails and is tried again, less and less often.
+            await log.wait_for(lambda e: isinstance(e, Reconnecting) and e.attempt >= 4)
+            tries = [e for e in log.events if isinstance(e, Reconnecting)]
+            assert all(e.error for e in tries[1:]) and "Connect" in str(tries[-1].error)
+            assert all(e.delay <= QUICK.maximum for e in tries)
             running = await asyncio.to_thread(
                 start_service, tmp_path, simulator_rate=50.0, port=port
             )

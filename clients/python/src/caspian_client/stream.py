@@ -44,6 +44,9 @@ from caspian_client.models import Level1, Level2Message, dumps, loads
 if TYPE_CHECKING:
     from caspian_client.client import Client
 
+#: A connection up this long (seconds) counts as a success for the backoff.
+STABLE_S = 10.0
+
 # -- events -------------------------------------------------------------------
 
 
@@ -547,6 +550,7 @@ class Stream:
     async def _serve(self, ws: ClientConnection, token_due: float | None) -> None:
         self._connection += 1
         connection = self._connection
+        opened = asyncio.get_running_loop().time()
         self._ws = ws
         self.connections += 1
         self._emit(Connected(self.client.stream_url, reconnect=connection > 1))
@@ -570,6 +574,10 @@ class Stream:
                     answer.set_exception(
                         ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent)
                     )
+        if asyncio.get_running_loop().time() - opened >= STABLE_S:
+            # Only a connection that held resets the backoff: one closed again right
+            # after each connect keeps the delays growing.
+            self.backoff.reset()
         rcvd = ws.protocol.close_rcvd
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else ""
@@ -600,7 +608,6 @@ class Stream:
             code = _code(message)
             if code == 200:
                 subscription.answered_id = subscription.request_id
-                self.backoff.reset()
                 if not subscription.answered.done():
                     subscription.answered.set_result(None)
             else:
