@@ -21,7 +21,7 @@ from caspian.bus.base import Bus
 from caspian.bus.memory import MemoryBus
 from caspian.bus.nats import NatsBus
 from caspian.bus.nats_options import parse_servers, tls_context
-from caspian.catalog.builtin import builtin_products
+from caspian.catalog.builtin import builtin_markets, builtin_products
 from caspian.catalog.ccxt_markets import parse_tick_rule, repair_underlyings
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.catalog.index import Catalog
@@ -30,6 +30,7 @@ from caspian.catalog.refresh import (
     REFRESHABLE,
     Fetch,
     Refreshed,
+    apply_markets,
     ccxt_fetcher,
     refresh_exchanges,
 )
@@ -68,8 +69,9 @@ READY_STORE_TIMEOUT_S = 1.0
 
 
 async def seed_reference_data(store: Store) -> None:
-    """The 22 exchanges, the built-in products of every exchange that has none, and every
-    ``underlyingCaspianCode`` naming a product the store has (see ``repair_underlyings``)."""
+    """The 22 exchanges, the built-in products of every exchange that has none, ITBIT's
+    products under Paxos's ids, and every ``underlyingCaspianCode`` naming a product the
+    store has (see ``repair_underlyings``)."""
     await store.seed_exchanges(EXCHANGES)
     by_exchange: dict[str, list[ProductSpec]] = {}
     for product in builtin_products():
@@ -77,6 +79,10 @@ async def seed_reference_data(store: Store) -> None:
     for exchange, products in by_exchange.items():
         if not await store.has_products(exchange):
             await store.upsert_products(products)
+    # Stores seeded before ITBIT was served by Paxos hold itBit's markets, under
+    # ids (XBTUSD) Paxos's feeds do not know: Paxos's markets replace them.
+    if any(record.spec.native_code.startswith("XBT") for record in await store.products(["ITBIT"])):
+        await apply_markets(store, "ITBIT", builtin_markets()["ITBIT"], now_us())
     if repaired := repair_underlyings(record.spec for record in await store.products()):
         await store.upsert_products(repaired)
 
