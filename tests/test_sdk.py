@@ -530,6 +530,13 @@ async def test_a_consumer_behind_its_buffer_restarts_from_a_whole_book(
         first = await asyncio.wait_for(anext(unread), 10)
         assert first.whole and first.book.bids and first.book.asks
         assert stream.connections == 1
+        # Lapsed again, it closes without a word from the server about it.
+        await log.wait_for(
+            lambda e: sum(isinstance(e, Lapsed) and e.symbol == OTHER for e in log.events) == 2
+        )
+        await unread.close()
+        with pytest.raises(StopAsyncIteration):
+            await anext(unread)
 
 
 async def test_the_maintenance_window_is_waited_out(tmp_path: Path) -> None:

@@ -424,6 +424,8 @@ class Stream:
         ws = self._ws
         if ws is not None and subscription.answered_id == subscription.request_id:
             self._spawn(self._forget(ws, subscription.request_id))
+        # Nothing left on the server for close() to end.
+        subscription.answered_id = ""
 
     async def _forget(self, ws: ClientConnection, request_id: str) -> None:
         # The answer changes nothing: a later Subscribe has a new requestId anyway.
