@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -182,13 +182,6 @@ def server_closing(running: RunningService) -> bool:
         cast(StreamConnection, connection)._closing
         for connection in running.listening.service.gateway.connections
     )
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    running = start_service(tmp_path_factory.mktemp("caspian"), simulator_rate=50.0)
-    yield running
-    running.stop()
 
 
 # -- reference data ------------------------------------------------------------
