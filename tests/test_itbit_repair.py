@@ -7,8 +7,6 @@ do not know, and ``live:ITBIT`` would never stream.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +16,9 @@ from caspian.catalog.builtin import builtin_products
 from caspian.catalog.ccxt_markets import products_from_ccxt
 from caspian.catalog.exchanges import EXCHANGES
 from caspian.service import seed_reference_data
-from caspian.sources.live import LIVE_URLS_ENV
 from caspian.store import Store
-from tests.support.client import StreamClient
 from tests.support.mock_paxos import PaxosMock
-from tests.support.service import start_service
-from tests.test_live import ASKS, BIDS
+from tests.test_live import ASKS, BIDS, live_service
 
 
 def _itbit_market(base: str, quote: str, amount: float, price: float) -> dict[str, Any]:
@@ -87,20 +82,13 @@ async def test_live_itbit_streams_from_a_store_seeded_with_itbits_ids(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await (await _old_store(tmp_path)).close()
-    mock = PaxosMock("BTCUSD")
-    mock.set_book(BIDS, ASKS)
-    await mock.start()
-    monkeypatch.setenv(LIVE_URLS_ENV, json.dumps({"ITBIT": {"api": {"ws": mock.ws_url}}}))
-    running = await asyncio.to_thread(start_service, tmp_path, source="live:ITBIT")
-    try:
-        token = await asyncio.to_thread(running.token)
-        c = await StreamClient.open(running.stream_url, token)
+    async with (
+        PaxosMock("BTCUSD") as mock,
+        live_service(tmp_path, monkeypatch, "ITBIT", {"api": {"ws": mock.ws_url}}) as c,
+    ):
+        mock.set_book(BIDS, ASKS)
         l1 = await c.subscribe("FX-BTC/USD=ITBIT", "Level1", conflation="None")
         quote = await c.wait_for(
             lambda m: m["requestId"] == l1 and m.get("payload", {}).get("bid") is not None
         )
         assert (quote["payload"]["bid"], quote["payload"]["ask"]) == (BIDS[0][0], ASKS[0][0])
-        await c.close()
-    finally:
-        await asyncio.to_thread(running.stop)
-        await mock.stop()

@@ -984,20 +984,36 @@ def test_deribit_check_follows_change_ids() -> None:
 # -- the real service -------------------------------------------------------------------
 
 
-async def test_service_streams_gdax_to_a_level2_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    mock = CoinbaseMock()
-    mock.set_book(BIDS, ASKS)
-    await mock.start()
-    # The service loads its markets from the mock's REST API, as from Coinbase's.
-    monkeypatch.setenv(
-        LIVE_URLS_ENV, json.dumps({"GDAX": {"api": {"ws": mock.ws_url, "public": mock.http_url}}})
-    )
-    running = await asyncio.to_thread(start_service, tmp_path / "data", source="live:GDAX")
+@contextlib.asynccontextmanager
+async def live_service(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, code: str, urls: dict[str, Any]
+) -> AsyncIterator[StreamClient]:
+    """The real service streaming ``code`` live from ``urls`` (a mock's), and a client of it."""
+    monkeypatch.setenv(LIVE_URLS_ENV, json.dumps({code: urls}))
+    running = await asyncio.to_thread(start_service, data_dir, source=f"live:{code}")
     try:
         token = await asyncio.to_thread(running.token)
         c = await StreamClient.open(running.stream_url, token)
+        yield c
+        await c.close()
+    finally:
+        await asyncio.to_thread(running.stop)
+
+
+async def test_service_streams_gdax_to_a_level2_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        CoinbaseMock() as mock,
+        # The service loads its markets from the mock's REST API, as from Coinbase's.
+        live_service(
+            tmp_path / "data",
+            monkeypatch,
+            "GDAX",
+            {"api": {"ws": mock.ws_url, "public": mock.http_url}},
+        ) as c,
+    ):
+        mock.set_book(BIDS, ASKS)
         l2 = await c.subscribe("FX-BTC/USD=GDAX", "Level2", numberOfLevels=5, conflation="None")
         l1 = await c.subscribe("FX-BTC/USD=GDAX", "Level1", conflation="None")
         book: dict[tuple[str, float], float] = {}
@@ -1040,7 +1056,3 @@ async def test_service_streams_gdax_to_a_level2_client(
         mock.apply(bids=[(99.5, 0.0), (99.0, 5.0)])
         await follow(lambda m: m["depthStream"] == "disconnected")
         await mock.wait_subscribes("level2_batch", 2)
-        await c.close()
-    finally:
-        await asyncio.to_thread(running.stop)
-        await mock.stop()

@@ -8,19 +8,14 @@ product codes, and the original API's exchangeSpecificInfo end to end.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 
 from caspian.events import TradeEvent
-from caspian.sources.live import LIVE_URLS_ENV
 from caspian.sources.live.bitflyer import BitflyerConnection
-from tests.support.client import StreamClient
 from tests.support.mock_bitflyer import BitflyerMock
-from tests.support.service import start_service
 from tests.test_live import (
     ASKS,
     BIDS,
@@ -31,6 +26,7 @@ from tests.test_live import (
     assert_refusal_retried,
     books_since,
     connected,
+    live_service,
     next_book,
     started,
     streaming,
@@ -131,14 +127,11 @@ async def test_service_sends_bitflyers_exchange_specific_info(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The original API's Level1 example, from a bitFlyer execution through the whole service."""
-    mock = BitflyerMock()
-    mock.set_book(BIDS, ASKS)
-    await mock.start()
-    monkeypatch.setenv(LIVE_URLS_ENV, json.dumps({"BITFLYER": {"api": {"ws": mock.ws_url}}}))
-    running = await asyncio.to_thread(start_service, tmp_path / "data", source="live:BITFLYER")
-    try:
-        token = await asyncio.to_thread(running.token)
-        c = await StreamClient.open(running.stream_url, token)
+    async with (
+        BitflyerMock() as mock,
+        live_service(tmp_path, monkeypatch, "BITFLYER", BITFLYER.urls(mock)) as c,
+    ):
+        mock.set_book(BIDS, ASKS)
         l1 = await c.subscribe("FX-BTC/JPY=BITFLYER", "Level1", conflation="None")
         await c.wait_for(lambda m: m["requestId"] == l1 and m.get("bboStream") == "connected")
         await mock.wait_subscribes("lightning_executions")
@@ -153,7 +146,3 @@ async def test_service_sends_bitflyers_exchange_specific_info(
             "side": "BUY",
         }
         assert trade["payload"]["bid"] == 99.0 and trade["payload"]["ask"] == 100.0
-        await c.close()
-    finally:
-        await asyncio.to_thread(running.stop)
-        await mock.stop()

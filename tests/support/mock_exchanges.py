@@ -26,7 +26,8 @@ from collections.abc import Coroutine, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from http import HTTPStatus
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import orjson
@@ -105,6 +106,18 @@ class MockExchange:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
 
     @property
     def port(self) -> int:
