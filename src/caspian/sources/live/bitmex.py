@@ -91,7 +91,7 @@ class BitmexConnection(NativeConnection):
     def _apply_book(self, action: Any, rows: list[dict[str, Any]]) -> None:
         if action == "partial":
             self._ids.clear()
-        elif not self._has_book:
+        elif not self.has_book:
             # Changes to a book not received yet.
             return
         bids: list[Level] = []

@@ -90,8 +90,9 @@ class NativeConnection:
     base_url = ""
     path = ""
     #: A text message the exchange asks for every ``ping_s`` seconds (BitMEX's
-    #: ``ping``): its answer is a message, which the watchdog sees, so it
-    #: replaces the protocol's pings. None: the protocol's pings.
+    #: ``ping``; :func:`sessions` caps the interval at a third of the
+    #: watchdog's limit): its answer is a message, which the watchdog sees, so
+    #: it replaces the protocol's pings. None: the protocol's pings.
     ping_text: str | None = None
     ping_s = 5.0
 
@@ -155,6 +156,11 @@ class NativeConnection:
         self._book.apply_snapshot(bids, asks)
         self._has_book = True
         self._book_updated(ms)
+
+    @property
+    def has_book(self) -> bool:
+        """Whether a whole book has come (:meth:`replace_book`)."""
+        return self._has_book
 
     def change_book(self, bids: Iterable[Level], asks: Iterable[Level], ms: int | None) -> None:
         self._book.apply_diff(bids, asks)
