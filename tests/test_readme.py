@@ -32,9 +32,10 @@ def test_quick_start_is_two_commands_and_ci_runs_the_readme_s_test_command() -> 
     serve, test = blocks(section("Quick start"), "sh")[:2]
     venv = "python3 -m venv .venv && . .venv/bin/activate && "
     assert serve.strip() == venv + "pip install . && caspian serve"
-    assert test.strip() == venv + 'pip install -e ".[test]" && pytest'
+    install = 'pip install -e ".[test]" -e ./clients/python'
+    assert test.strip() == venv + install + " && pytest"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert 'pip install -e ".[test]"' in ci
+    assert install in ci
     assert ci[-1] == "pytest"
 
 

@@ -20,7 +20,7 @@ The package, by layer:
   behind the exchange;
 - the clients: :mod:`.ccxt_pro` (ccxt.pro, a connection per symbol),
   :mod:`.binance`, :mod:`.bitmex`, :mod:`.bitflyer`, :mod:`.korbit` and
-  :mod:`.paxos` (Caspian's own; the last three on :mod:`.native`'s
+  :mod:`.paxos` (Caspian's own; all but Binance on :mod:`.native`'s
   one-symbol connections);
 - :mod:`caspian.sources.integrity`: the pure checks of books that clients
   run on the exchanges' sequence numbers and checksums.

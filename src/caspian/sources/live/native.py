@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from caspian.book import BookView, OrderBook
 from caspian.sources.live.adapter import Adapter
@@ -225,13 +225,17 @@ class NativeConnection:
             ws = self._sockets.get(url)
             if ws is None:
                 pings: dict[str, Any] = {} if self.ping_text is None else {"ping_interval": None}
-                ws = self._sockets[url] = await connect(
-                    url,
-                    close_timeout=1.0,
-                    # A whole book of a busy market may exceed the 1 MiB default.
-                    max_size=2**24,
-                    **pings,
-                )
+                try:
+                    ws = self._sockets[url] = await connect(
+                        url,
+                        close_timeout=1.0,
+                        # A whole book of a busy market may exceed the 1 MiB default.
+                        max_size=2**24,
+                        **pings,
+                    )
+                except (OSError, WebSocketException) as exc:
+                    # The socket's own errors name neither the host nor the URL.
+                    raise ConnectionError(f"{url}: {str(exc) or repr(exc)}") from exc
                 loop = asyncio.get_running_loop()
                 self._tasks.append(loop.create_task(self._receive(ws)))
                 if self.ping_text is not None:
