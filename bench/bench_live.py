@@ -1091,7 +1091,8 @@ def run_source(port: int, symbols: int, ws_path: str, max_lag: float, log: str) 
         answer: dict[str, Any]
         if line == "status":
             client = internals._clients.get("BINANCE")
-            books = client[0]._symbols if client is not None else {}
+            connections = client[0]._connections if client is not None else []
+            books = {name: book for c in connections for name, book in c.symbols.items()}
             answer = {
                 "last_update": {name: book.last_update for name, book in books.items()},
                 "down": sum(1 for code in codes if code not in feeds or not feeds[code].up),
