@@ -62,8 +62,9 @@ def _rss_mb() -> float:
 async def test_memory_a_burst_freed_goes_back_to_the_system(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A burst's memory, freed among a few survivors, is given back by the policy."""
+    """A burst's memory, freed among a few survivors, is given back by the full pass."""
     monkeypatch.setattr(service_module, "GC_FREEZE_S", 0.05)
+    monkeypatch.setattr(service_module, "GC_FULL_S", 0.1)
     service = Service(Settings(data_dir=tmp_path, maintenance="off"))
     # Blocks of the size of queued messages, too big for Python's own
     # allocator and too small for their own mappings: glibc's heap.

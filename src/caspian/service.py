@@ -402,9 +402,11 @@ class Service:
         requests (exceptions and their tracebacks are cycles) it held tens of
         MB. Garbage that was alive when frozen (a closed connection's cycles)
         waits for the full collection every ``GC_FULL_S``, the freeze undone:
-        one long pause a minute instead of every few seconds. Each pass
+        one long pause a minute instead of every few seconds. The full pass
         then gives the heap's free pages back (:mod:`caspian.heap`), so that
-        memory a burst took is returned once the burst is over.
+        memory a burst took is returned once the burst is over; not every
+        pass, since returning pages costs the loop milliseconds and the next
+        burst faults them in again.
         """
         gc.collect()
         gc.freeze()
@@ -412,12 +414,14 @@ class Service:
         while True:
             await asyncio.sleep(GC_FREEZE_S)
             since_full += GC_FREEZE_S
-            if since_full >= GC_FULL_S:
+            full = since_full >= GC_FULL_S
+            if full:
                 since_full = 0.0
                 gc.unfreeze()
             gc.collect()
             gc.freeze()
-            release_free_heap()
+            if full:
+                release_free_heap()
 
     async def _refresh_catalog(self) -> None:
         while True:
