@@ -83,7 +83,7 @@ def test_first_session_as_written(tmp_path: Path) -> None:
         token = re.findall(r"^TOKEN=(\S+)$", ran.stdout, re.MULTILINE)
         assert len(token) == 1 and token[0].count(".") == 2, ran.stdout
 
-        (client_code,) = blocks(session, "python")
+        (client_code,) = [code for code in blocks(session, "python") if "websockets" in code]
         assert f"ws://{DEFAULT_ADDRESS}/v1/stream" in client_code
         client = tmp_path / "client.py"
         client.write_text(client_code.replace(DEFAULT_ADDRESS, address))

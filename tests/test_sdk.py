@@ -570,9 +570,10 @@ def test_the_sync_wrapper(service: RunningService) -> None:
 
 def test_the_readme_example_as_written(service: RunningService, tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("\n## Python SDK\n")
+    start = readme.index("\n## A first session\n")
     section = readme[start : readme.index("\n## ", start + 1)]
-    (example,) = re.findall(r"^```python\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    examples = re.findall(r"^```python\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    (example,) = [code for code in examples if "caspian_client" in code]
     script = tmp_path / "sdk.py"
     script.write_text(example.replace("http://127.0.0.1:8080", service.base_url))
     key_id, secret = service.key()
