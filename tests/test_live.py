@@ -77,6 +77,7 @@ from tests.support.mock_kucoin import KucoinMock
 from tests.support.mock_okx import OkxMock
 from tests.support.mock_paxos import PaxosMock
 from tests.support.mock_poloniex import PoloniexMock
+from tests.support.ports import free_port
 from tests.support.service import start_service
 
 _C = TypeVar("_C", bound=NativeConnection)
@@ -1056,3 +1057,39 @@ async def test_service_streams_gdax_to_a_level2_client(
         mock.apply(bids=[(99.5, 0.0), (99.0, 5.0)])
         await follow(lambda m: m["depthStream"] == "disconnected")
         await mock.wait_subscribes("level2_batch", 2)
+
+
+@pytest.mark.parametrize(
+    ("code", "urls"),
+    [
+        ("BINANCE", lambda url: {"api": {"ws": {"spot": url}}}),
+        ("BITFLYER", lambda url: {"api": {"ws": url}}),
+        ("KORBIT", lambda url: {"api": {"ws": url}}),
+        ("ITBIT", lambda url: {"api": {"ws": url}}),
+    ],
+)
+async def test_a_failed_connection_is_logged_with_its_address_and_cause(
+    code: str, urls: Callable[[str], dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Caspian's own clients: the socket's error alone ("Connect call failed") would
+    not say which address failed."""
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    source = LiveSource(
+        [code],
+        PRODUCTS.get,
+        urls={code: urls(url)},
+        markets={code: MARKETS[code]},
+        backoff_initial_s=0.05,
+    )
+    symbol = next(venue.symbol for venue in VENUES if venue.code == code)
+    with caplog.at_level(logging.WARNING, logger="caspian.sources.live"):
+        task = asyncio.create_task(source.run(Collector()))
+        try:
+            source.watch(symbol)
+            await until(lambda: "resubscribing (disconnect)" in caplog.text)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    line = next(r.getMessage() for r in caplog.records if "(disconnect)" in r.getMessage())
+    assert url in line and "Connect call failed" in line

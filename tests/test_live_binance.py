@@ -16,7 +16,6 @@ from caspian.events import BookEvent, Event
 from caspian.sources.live import LiveSource
 from caspian.sources.live import binance as binance_client
 from tests.support.mock_exchanges import BinanceMock
-from tests.support.ports import free_port
 from tests.test_live import (
     ASKS,
     BIDS,
@@ -271,28 +270,3 @@ async def test_symbols_past_a_connections_limit_open_another_connection(
             await until(lambda: synced(collector, mock))
     finally:
         await mock.stop()
-
-
-async def test_a_failed_connection_is_logged_with_its_address_and_cause(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    url = f"ws://127.0.0.1:{free_port()}/ws"
-    source = LiveSource(
-        ["BINANCE"],
-        PRODUCTS.get,
-        urls={"BINANCE": {"api": {"ws": {"spot": url}}}},
-        markets={"BINANCE": MARKETS["BINANCE"]},
-        backoff_initial_s=0.05,
-    )
-    with caplog.at_level(logging.WARNING, logger="caspian.sources.live"):
-        task = asyncio.create_task(source.run(Collector()))
-        try:
-            source.watch(SYMBOL)
-            await until(lambda: "resubscribing (disconnect)" in caplog.text)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    line = next(r.getMessage() for r in caplog.records if "(disconnect)" in r.getMessage())
-    assert url in line
-    assert "Connect call failed" in line

@@ -8,27 +8,20 @@ product codes, and the original API's exchangeSpecificInfo end to end.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import logging
 from pathlib import Path
 
 import pytest
 
 from caspian.events import TradeEvent
-from caspian.sources.live import LiveSource
 from caspian.sources.live.bitflyer import BitflyerConnection
 from tests.support.mock_bitflyer import BitflyerMock
-from tests.support.ports import free_port
 from tests.test_live import (
     ASKS,
     BIDS,
     DEPTH,
-    MARKETS,
     PRODUCTS,
     VENUES,
-    Collector,
     assert_lost_change_healed,
     assert_refusal_retried,
     books_since,
@@ -153,28 +146,3 @@ async def test_service_sends_bitflyers_exchange_specific_info(
             "side": "BUY",
         }
         assert trade["payload"]["bid"] == 99.0 and trade["payload"]["ask"] == 100.0
-
-
-async def test_a_failed_connection_is_logged_with_its_address_and_cause(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The socket's error alone ("Connect call failed") would not say which address."""
-    base = f"ws://127.0.0.1:{free_port()}"
-    source = LiveSource(
-        ["BITFLYER"],
-        PRODUCTS.get,
-        urls={"BITFLYER": {"api": {"ws": base}}},
-        markets={"BITFLYER": MARKETS["BITFLYER"]},
-        backoff_initial_s=0.05,
-    )
-    with caplog.at_level(logging.WARNING, logger="caspian.sources.live"):
-        task = asyncio.create_task(source.run(Collector()))
-        try:
-            source.watch(BITFLYER.symbol)
-            await until(lambda: "resubscribing (disconnect)" in caplog.text)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    line = next(r.getMessage() for r in caplog.records if "(disconnect)" in r.getMessage())
-    assert base in line and "Connect call failed" in line
