@@ -25,6 +25,7 @@ BAD: dict[str, tuple[str, str]] = {
     "host": ("256.1.2.3", "256.1.2.3"),
     "port": ("notaport", "port"),
     "reuse_port": ("maybe", "reuse_port"),
+    "event_loop": ("fastest", "event_loop"),
     "data_dir": ("/proc/caspian-cannot-be-here", "caspian-cannot-be-here"),
     "tls_cert": (NOT_A_FILE, "tls_cert and tls_key go together"),
     "tls_key": (NOT_A_FILE, "tls_cert and tls_key go together"),

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import StrEnum
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +25,8 @@ from rich.table import Table
 from caspian.settings import Settings
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="caspian",
@@ -340,13 +342,29 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
     _stop_on_sigterm()
     try:
         if workers > 1:
-            asyncio.run(run_workers(settings, flags, workers, workers_ready))
+            run_loop(settings.event_loop, run_workers(settings, flags, workers, workers_ready))
         else:
-            asyncio.run(run_server(settings, ready, ingest=role is Role.INGEST))
+            run_loop(settings.event_loop, run_server(settings, ready, ingest=role is Role.INGEST))
     except KeyboardInterrupt:
         pass
     except (StoreError, SupervisorError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+def run_loop(choice: str, main: Coroutine[Any, Any, None]) -> None:
+    """Runs ``main`` to its end on the event loop ``choice`` names (CASPIAN_EVENT_LOOP)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            # Settings refuse "uvloop" where it is missing: this is "auto".
+            pass
+        else:
+            log.debug("event loop: uvloop")
+            uvloop.run(main)
+            return
+    log.debug("event loop: asyncio")
+    asyncio.run(main)
 
 
 def _print_setup(settings: Settings) -> None:
