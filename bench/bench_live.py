@@ -74,6 +74,7 @@ import orjson
 
 from binance_feed import BASES, QUOTE, TOP, FeedProcess, Market, StepRecord, Top, generate
 from caspian.catalog.product import ProductSpec
+from caspian.cli import run_loop
 from caspian.timefmt import parse_us
 from loadgen import (
     Placement,
@@ -1135,7 +1136,8 @@ def run_source(port: int, symbols: int, ws_path: str, max_lag: float, log: str) 
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(main())
+    # The loop caspian serve runs on (CASPIAN_EVENT_LOOP's default).
+    run_loop("auto", main())
 
 
 # -- the ladder ------------------------------------------------------------------------

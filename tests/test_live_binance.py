@@ -183,6 +183,8 @@ async def test_unreadable_messages_rebuild_their_symbol_and_spare_the_connection
                 "not json",
                 '{"e": "depthUpdate", "s": "NOPE"}',
                 '{"e": "depthUpdate", "s": "BTCUSDT", "U": 1, "u": "x", "E": 1}',
+                '{"e": "trade", "s": "BTCUSDT", "p": "1", "q": "1", "t": 1, "T": 1e999}',
+                '{"e": "depthUpdate", "s": "BTCUSDT", "U": 123456789012345678901234567890}',
                 "[1, 2]",
             ):
                 for connection in list(mock.connections):

@@ -31,12 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import msgspec
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
 
 from caspian.events import Level
 from caspian.sources.integrity import IntegrityError
@@ -87,25 +86,32 @@ def _levels(raw: Iterable[Any]) -> list[Level]:
     return [(float(price), float(size)) for price, size, *_ in raw]
 
 
-class _Diff(NamedTuple):
+class _Diff(msgspec.Struct, tag_field="e", tag="depthUpdate"):
     """One ``depthUpdate`` event, read."""
 
-    first: int
-    last: int
-    #: The event time, in microseconds.
-    time_us: int
-    bids: list[Level]
-    asks: list[Level]
+    market_id: str = msgspec.field(name="s")
+    first: int = msgspec.field(name="U")
+    last: int = msgspec.field(name="u")
+    #: The event time, in milliseconds.
+    time_ms: int = msgspec.field(name="E")
+    bids: list[Level] = msgspec.field(name="b")
+    asks: list[Level] = msgspec.field(name="a")
 
 
-def _diff(event: dict[str, Any]) -> _Diff:
-    return _Diff(
-        int(event["U"]),
-        int(event["u"]),
-        int(event["E"]) * 1000,
-        _levels(event["b"]),
-        _levels(event["a"]),
-    )
+class _Trade(msgspec.Struct, tag_field="e", tag="trade"):
+    market_id: str = msgspec.field(name="s")
+    price: float = msgspec.field(name="p")
+    size: float = msgspec.field(name="q")
+    trade_id: int = msgspec.field(name="t")
+    time_ms: int = msgspec.field(name="T")
+    buyer_is_maker: bool = msgspec.field(name="m", default=False)
+
+
+#: The two events that make up the traffic, read straight into their types:
+#: Binance writes prices and sizes as strings, which lax mode reads as floats,
+#: in C. This took parsing from 4 to 1.2 µs a message against ``orjson.loads``
+#: and converting each level in Python.
+_EVENTS = msgspec.json.Decoder(_Diff | _Trade, strict=False)
 
 
 class _Symbol:
@@ -239,7 +245,7 @@ class _SpotConnection:
         self.symbols: dict[str, _Symbol] = {}
         self._by_code: dict[str, _Symbol] = {}
         self._control: asyncio.Queue[tuple[str, tuple[str, ...]]] = asyncio.Queue()
-        self._ws: ClientConnection | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._last_message = 0.0
         self._connected_at: float | None = None
         #: Whether the last event read was within the lag bound.
@@ -274,7 +280,7 @@ class _SpotConnection:
                     raise
                 except IntegrityError as exc:
                     self._down(exc.reason, exc)
-                except (OSError, WebSocketException, aiohttp.ClientError, TimeoutError) as exc:
+                except (OSError, aiohttp.ClientError, TimeoutError) as exc:
                     # The socket's own errors do not say which address failed.
                     self._down("disconnect", f"{self._client.ws_url}: {str(exc) or repr(exc)}")
                 except Exception as exc:
@@ -294,8 +300,12 @@ class _SpotConnection:
         """Streams until the connection fails, which it raises."""
         # Whatever was queued for the last connection is in the full subscribe below.
         self._control = asyncio.Queue()
-        async with connect(
-            self._client.ws_url, ping_interval=None, close_timeout=1.0, max_size=2**24
+        async with self._client.http.ws_connect(
+            self._client.ws_url,
+            # Binance pings every 20 s and wants the pong; Caspian sends no pings of its own.
+            autoping=True,
+            max_msg_size=2**24,
+            timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
         ) as ws:
             self._ws = ws
             self._connected_at = asyncio.get_running_loop().time()
@@ -324,7 +334,7 @@ class _SpotConnection:
                         symbol.snapshot_task.cancel()
                         symbol.snapshot_task = None
 
-    async def _send_control(self, ws: ClientConnection) -> None:
+    async def _send_control(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         ids = 0
         while True:
             method, streams = await self._control.get()
@@ -333,7 +343,7 @@ class _SpotConnection:
                 params = list(streams[start : start + _STREAMS_PER_REQUEST])
                 # A text frame, as Binance's API is documented with.
                 request = {"method": method, "params": params, "id": ids}
-                await ws.send(orjson.dumps(request).decode())
+                await ws.send_str(orjson.dumps(request).decode())
                 if method == "SUBSCRIBE":
                     self._sync_all(params)
                 await asyncio.sleep(_CONTROL_GAP_S)
@@ -348,32 +358,47 @@ class _SpotConnection:
             if symbol is not None:
                 self._resync(symbol)
 
-    async def _read(self, ws: ClientConnection) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
         symbols = self.symbols
         count = 0
-        async for raw in ws:
+        async for message in ws:
             self._last_message = loop.time()
-            symbol = None
+            raw = message.data
+            if message.type is aiohttp.WSMsgType.ERROR:
+                raise ConnectionError(f"Binance's connection failed: {raw!r}")
             try:
-                message = orjson.loads(raw)
-                kind = message.get("e")
-                if kind == "depthUpdate":
-                    symbol = symbols.get(message["s"])
-                    if symbol is not None:
-                        self._depth(symbol, _diff(message))
-                elif kind == "trade":
-                    symbol = symbols.get(message["s"])
-                    if symbol is not None:
-                        self._trade(symbol, message)
-                elif "error" in message:
-                    log.error("Binance refused a request: %s", message["error"])
-            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-                self._malformed(raw, exc, symbol)
+                event = _EVENTS.decode(raw)
+            except msgspec.ValidationError as exc:
+                self._other(raw, exc)
+            except msgspec.DecodeError as exc:
+                self._malformed(raw, exc, None)
+            else:
+                symbol = symbols.get(event.market_id)
+                if symbol is not None:
+                    if isinstance(event, _Diff):
+                        self._depth(symbol, event)
+                    else:
+                        self._trade(symbol, event)
             count += 1
             if count % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         raise ConnectionError("Binance closed the connection")
+
+    def _other(self, raw: str | bytes, exc: msgspec.ValidationError) -> None:
+        """Anything but a well-formed event: an answer to a request, or a broken event."""
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Numbers past 64 bits, which msgspec reads and orjson refuses.
+            message = None
+        if not isinstance(message, dict):
+            self._malformed(raw, exc, None)
+        elif message.get("e") in ("depthUpdate", "trade"):
+            symbol = message.get("s")
+            self._malformed(raw, exc, self.symbols.get(symbol) if isinstance(symbol, str) else None)
+        elif "error" in message:
+            log.error("Binance refused a request: %s", message["error"])
 
     def _malformed(self, raw: str | bytes, exc: Exception, symbol: _Symbol | None) -> None:
         """A message Caspian cannot read: its symbol, if known, is rebuilt; the others go on.
@@ -417,20 +442,20 @@ class _SpotConnection:
             return
         symbol.last_update = event.last
         try:
-            symbol.feed.diff(event.bids, event.asks, event.time_us)
+            symbol.feed.diff(event.bids, event.asks, event.time_ms * 1000)
             self._current = not symbol.feed.lagging
         except IntegrityError as exc:
             symbol.feed.down(exc.reason, exc)
             self._resync(symbol)
 
-    def _trade(self, symbol: _Symbol, event: dict[str, Any]) -> None:
+    def _trade(self, symbol: _Symbol, event: _Trade) -> None:
         symbol.feed.trade(
-            float(event["p"]),
-            float(event["q"]),
-            str(event["t"]),
+            event.price,
+            event.size,
+            str(event.trade_id),
             # The buyer being the maker means the taker sold.
-            {"side": "SELL" if event.get("m") else "BUY"},
-            event["T"] * 1000,
+            {"side": "SELL" if event.buyer_is_maker else "BUY"},
+            event.time_ms * 1000,
         )
 
     def _resync(self, symbol: _Symbol) -> None:
