@@ -78,9 +78,9 @@ class SymbolFeed:
         self._stopped = False
         for stream in STREAMS:
             STREAM_STATE.labels(exchange, symbol, stream.value).set(0)
-        # Looked up once: a labelled child costs a dict lookup and a lock per call.
-        self._lag_gauge = LIVE_LAG.labels(exchange, symbol)
-        self._lag_gauge.set(0)
+        # Read when /metrics is scraped: setting a gauge takes a lock, and the lag
+        # changes with every event.
+        LIVE_LAG.labels(exchange, symbol).set_function(lambda: self.lag_us / 1_000_000)
 
     # -- from the exchange's client --------------------------------------------
 
@@ -191,7 +191,6 @@ class SymbolFeed:
         if self._floor_us is None or delay < self._floor_us:
             self._floor_us = delay
         self.lag_us = lag = delay - self._floor_us
-        self._lag_gauge.set(lag / 1_000_000)
         if not self.lagging and lag > self._max_lag_us:
             self.lagging = True
             RESYNCS.labels(self.exchange, self.symbol, "lag").inc()
@@ -214,7 +213,7 @@ class SymbolFeed:
         ``disconnected`` until its next change.
         """
         if self.lagging and self.synced and not self._stopped:
-            self._lag_gauge.set(0)
+            self.lag_us = 0
             self._catch_up("nothing left to read", None)
 
     def _catch_up(self, why: str, exchange_ts: int | None) -> None:
