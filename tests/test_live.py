@@ -111,6 +111,8 @@ class Venue:
     #: False where a resync of one symbol fetches a snapshot on the same
     #: subscription (Binance) instead of subscribing again.
     resubscribes_on_resync: bool = True
+    #: The trade id TradeEvent.trade_id must carry for the raw message, where checked.
+    trade_id: Callable[[Message], str] | None = None
 
 
 VENUES = [
@@ -288,6 +290,8 @@ VENUES = [
         # ccxt raises ChecksumError when a prevSeqNum is past its book's seqNum.
         "lose",
         "sequence",
+        # Not the legacy id, which is wider than 64 bits and ccxt reads as a float.
+        trade_id=lambda raw: str(raw["tradeId"]),
     ),
     Venue(
         "BITFINEX",
@@ -616,6 +620,8 @@ async def test_trades_carry_the_exchange_fields(venue: Venue) -> None:
         trade = trades[0]
         assert (trade.symbol, trade.price, trade.size) == (venue.symbol, 100.0, 0.5)
         assert trade.trade_id is not None and trade.trade_id != ""
+        if venue.trade_id is not None:
+            assert trade.trade_id == venue.trade_id(raw)
         assert trade.info == venue.info(raw)
         assert trade.exchange_ts is not None
         assert abs(trade.exchange_ts // 1000 - before_ms) < 5_000

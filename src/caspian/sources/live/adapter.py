@@ -42,6 +42,8 @@ class Adapter:
     trade_params: Mapping[str, Any] = field(default_factory=dict)
     #: Raw trade fields copied into TradeEvent.info, as the exchange names them.
     info_fields: tuple[str, ...] = ()
+    #: The raw trade field that is the trade's id, where ccxt's ``id`` is not it.
+    trade_id_field: str | None = None
     #: Caspian's own check of what ccxt leaves unchecked (:mod:`caspian.sources.integrity`).
     check: MakeCheck | None = None
     #: Rewrites a raw message before ccxt sees it.

@@ -365,6 +365,7 @@ class _Symbol:
 
     async def _trades(self, exchange: Any, session: _Session) -> None:
         fields = self._adapter.info_fields
+        id_field = self._adapter.trade_id_field
         oldest_ms = session.start_ms - _HISTORY_TOLERANCE_MS
         feed = self._feed
         while True:
@@ -381,10 +382,11 @@ class _Symbol:
                     continue
                 if timestamp is not None and timestamp < oldest_ms:
                     continue
+                trade_id = trade.get("id") if id_field is None else trade["info"].get(id_field)
                 feed.trade(
                     float(price),
                     float(amount),
-                    None if trade.get("id") is None else str(trade["id"]),
+                    None if trade_id is None else str(trade_id),
                     trade_info(trade, fields),
                     int(timestamp) * 1000 if timestamp is not None else None,
                 )

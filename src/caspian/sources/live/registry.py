@@ -250,7 +250,9 @@ EXCHANGES: tuple[Exchange, ...] = (
         CCXT,
         # ccxt takes the legacy trade id, wider than 64 bits and so parsed
         # as a float; tradeId is the exchange's own.
-        Adapter("htx", info_fields=("tradeId",), checksum_reason="sequence"),
+        Adapter(
+            "htx", info_fields=("tradeId",), trade_id_field="tradeId", checksum_reason="sequence"
+        ),
         checks=("seqNum/prevSeqNum chain (ccxt)", _CROSSED),
         notes="ccxt renamed Huobi to HTX. mbp.150 on /feed (snapshot by req on the same "
         "connection), trade.detail on /ws; gzip frames, server pings.",
