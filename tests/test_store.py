@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import socket
 import threading
@@ -616,6 +618,74 @@ async def test_sqlite_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> No
     for thread in threading.enumerate():
         if thread.name.endswith("(_connection_worker_thread)"):
             await asyncio.to_thread(thread.join, 5)
+
+
+async def test_a_prepared_store_keeps_its_descriptors_and_threads_through_a_burst(
+    tmp_path: Path,
+) -> None:
+    """A server's store opens its connections and starts its argon2 threads at start, and
+    never more: the soak run saw descriptors on ``caspian.db`` and threads grow under
+    load, and could not tell that growth from a leak."""
+    database = tmp_path / "caspian.db"
+    store = Store(f"sqlite+aiosqlite:///{database}")
+
+    def opened() -> tuple[int, int, int]:
+        """Descriptors on the database's files, aiosqlite's connection threads, argon2's."""
+        descriptors = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                descriptors += os.readlink(f"/proc/self/fd/{fd}").startswith(str(database))
+        names = [thread.name for thread in threading.enumerate()]
+        return (
+            descriptors,
+            sum(name.endswith("(_connection_worker_thread)") for name in names),
+            sum(name.startswith("caspian-argon2") for name in names),
+        )
+
+    try:
+        await store.upgrade()
+        key, secret = await store.create_key("alice")
+        await store.prepare()
+        prepared = opened()
+        assert prepared[1:] == (store_module.POOL_SIZE, store_module._ARGON2_AT_ONCE)
+        # Eight times as many requests at once as there are connections, and logins:
+        # they wait their turn, and all are answered.
+        burst = 8 * store_module.POOL_SIZE
+        found = await asyncio.gather(
+            *(store.token_standing(f"t{n}", KEY, "NOKEY") for n in range(burst))
+        )
+        logins = await asyncio.gather(
+            *(store.verify_key(key.key_id, secret if n % 2 else "wrong") for n in range(4))
+        )
+        assert found == [(False, None)] * burst
+        assert [login is not None for login in logins] == [False, True, False, True]
+        assert opened() == prepared
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="a Linux scheduling policy")
+async def test_argon2_runs_in_threads_that_yield_the_core_to_the_event_loop(
+    store: Store,
+) -> None:
+    """A burst of logins on the event loop's core once delayed every stream update."""
+    policies = await asyncio.gather(*(store._argon2(os.sched_getscheduler, 0) for _ in range(4)))
+    assert policies == [os.SCHED_IDLE] * 4
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    # Logins still work, at that priority.
+    await store.create_user("alice", "correct horse")
+    assert await store.verify_credential("alice", "correct horse") is not None
+    assert await store.verify_credential("alice", "wrong") is None
+
+
+async def test_an_in_memory_store_has_no_pool_to_fill() -> None:
+    store = Store("sqlite+aiosqlite://")
+    try:
+        await store.upgrade()
+        await store.prepare()
+        assert await store.list_exchanges() == []
+    finally:
+        await store.close()
 
 
 # PostgreSQL availability

@@ -109,6 +109,7 @@ async def serve(
     sock = listen_socket(settings.host, settings.port, settings.reuse_port)
     try:
         await service.start()
+        await service.store.prepare()
         limits = client_limits(settings, service.proxies)
         config = uvicorn.Config(
             operator_paths_only(service.rest) if ingest else service.rest,

@@ -3,18 +3,23 @@ and the cluster's registry of open stream sessions.
 
 Secrets and passwords are kept only as argon2id hashes. Any failure to reach or use the
 database comes out of a ``Store`` method as ``StoreUnavailable``, and the store needs no
-help to recover: pooled connections are pinged before use, so those the database dropped
-are replaced once it is back.
+help to recover: PostgreSQL connections are pinged before use, so those the database
+dropped are replaced once it is back. The store keeps ``POOL_SIZE`` connections, opened at
+start by ``prepare``: its descriptors and threads stay fixed, however many requests come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import secrets
 import string
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -28,7 +33,7 @@ from alembic.runtime.migration import MigrationContext
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, event, exists, insert, select
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -74,6 +79,15 @@ _USER_NAME = re.compile(rf"[A-Za-z0-9._@-]{{1,{USER_NAME_LENGTH}}}")
 _PG_CONNECT_TIMEOUT = 5.0
 _PG_COMMAND_TIMEOUT = 30.0
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: Database connections, no more: a burst of requests past these waits its turn (then
+#: ``StoreUnavailable`` after ``_POOL_TIMEOUT_S``) rather than open more. Each SQLite
+#: connection is a thread (aiosqlite's) and descriptors on the database and its
+#: write-ahead log; with SQLAlchemy's default of 5 kept and 10 more under a burst, a
+#: server's descriptor count followed its load, and a soak run could not tell that
+#: from a leak. Requests hold a connection for a few short queries, never across an
+#: argon2 check.
+POOL_SIZE = 5
+_POOL_TIMEOUT_S = 10.0
 
 #: Execution option marking a session that will write (SQLite takes its write lock up front).
 _WRITE = "caspian_write"
@@ -85,6 +99,24 @@ _HASHER = PasswordHasher()
 #: milliseconds: unbounded, a burst of logins took hundreds of MiB and starved the
 #: event loop's core; beyond these, logins wait their turn.
 _ARGON2_AT_ONCE = 2
+
+
+def _yield_to_the_loop() -> None:
+    """Runs in each argon2 thread: it yields the core to every normal thread.
+
+    Even two checks at once on the event loop's core held the loop off for tens of
+    milliseconds: the scheduler shared the core fairly between them (a loop waking
+    every millisecond beside six checks on its core was late 11 ms at the 99th
+    percentile, 22 to 37 at most; with this policy 1.2 to 1.3, and 2.5 to 8).
+    ``SCHED_IDLE`` threads run only when no other thread wants the core, so logins take
+    the time the stream leaves, and libargon2's own lane threads inherit the policy.
+    Linux only; elsewhere nothing changes.
+    """
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 _SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
 #: Ids per statement when deleting sessions: far below every back end's limit of bound
 #: parameters, however many connections a gateway lost between two syncs.
@@ -240,6 +272,14 @@ async def _availability() -> AsyncIterator[None]:
         raise StoreUnavailable(f"could not access the database ({type(exc).__name__})") from exc
 
 
+def _pooled(url: URL) -> bool:
+    """Whether the engine for ``url`` keeps a pool of connections: every database but an
+    in-memory SQLite one, which lives in its one connection."""
+    if url.get_backend_name() != "sqlite":
+        return True
+    return url.database not in (None, "", ":memory:") and url.query.get("mode") != "memory"
+
+
 def _private_sqlite(path: Path) -> None:
     """The database file made, or tightened, before SQLite opens it: SQLite gives its
     write-ahead log and shared-memory files the database file's permissions."""
@@ -357,12 +397,25 @@ class Store:
     def __init__(self, url: str) -> None:
         # One per store, hence per event loop: a semaphore belongs to the loop it waits in.
         self._argon2_slots = asyncio.Semaphore(_ARGON2_AT_ONCE)
+        #: Threads are started at the first check, so the CLI's commands start none.
+        self._argon2_threads = ThreadPoolExecutor(
+            _ARGON2_AT_ONCE, "caspian-argon2", initializer=_yield_to_the_loop
+        )
         #: Set by ``upgrade``: the store had no schema, and was created empty.
         self.created = False
         try:
             self._url = make_url(url)
-            options: dict[str, Any] = {"pool_pre_ping": True}
+            options: dict[str, Any] = {}
+            if _pooled(self._url):
+                options |= {
+                    "pool_size": POOL_SIZE,
+                    "max_overflow": 0,
+                    "pool_timeout": _POOL_TIMEOUT_S,
+                }
             if self._url.get_backend_name() == "postgresql":
+                # A server can drop connections; a SQLite file cannot, and a ping
+                # there cost more trips to its thread on every token check.
+                options["pool_pre_ping"] = True
                 options["connect_args"] = {
                     "timeout": _PG_CONNECT_TIMEOUT,
                     "command_timeout": _PG_COMMAND_TIMEOUT,
@@ -387,7 +440,8 @@ class Store:
 
     async def _argon2(self, function: Callable[..., T], *args: Any) -> T:
         async with self._argon2_slots:
-            return await asyncio.to_thread(function, *args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._argon2_threads, function, *args)
 
     @asynccontextmanager
     async def _session(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
@@ -411,7 +465,27 @@ class Store:
                 async with connection.begin():
                     self.created = await connection.run_sync(_migrate)
 
+    async def prepare(self) -> None:
+        """Opens every connection of the pool and starts the argon2 threads now, for a
+        server: its descriptors and threads are then there from the start, not added
+        under the first burst of requests or logins."""
+        # Each thread waits for the others, so that none is reused and all start.
+        together = threading.Barrier(_ARGON2_AT_ONCE, timeout=10)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self._argon2_threads, together.wait)
+                for _ in range(_ARGON2_AT_ONCE)
+            )
+        )
+        if not _pooled(self._url):
+            return
+        async with _availability(), contextlib.AsyncExitStack() as held:
+            for _ in range(POOL_SIZE):
+                await held.enter_async_context(self._engine.connect())
+
     async def close(self) -> None:
+        self._argon2_threads.shutdown(wait=False)
         await self._engine.dispose()
 
     # Users
