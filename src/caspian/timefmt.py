@@ -16,20 +16,26 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-#: The whole seconds last formatted, and their text: every Level2 message
-#: carries two time stamps, mostly within the same second, and building a
-#: datetime for each was a tenth of the live path's time.
-_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+#: The text of recently formatted whole seconds: every Level2 message carries
+#: two time stamps, the exchange's and Caspian's, and building a datetime for
+#: each was a tenth of the live path's time. Remembering only the last second
+#: was not enough: once the exchange's stamps lag by a few hundred milliseconds,
+#: consecutive calls alternate between two seconds.
+_seconds: dict[int, str] = {}
+#: Enough for stamps a few seconds apart; the cache is emptied when full.
+_SECONDS_KEPT = 16
 
 
 def format_us(us: int) -> str:
     """``1528445624653000`` -> ``"2018-06-08T08:13:44.653000"``."""
-    global _last_second
     second, micros = divmod(us, 1_000_000)
-    cached, text = _last_second
-    if second != cached:
-        text = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S")
-        _last_second = (second, text)
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= _SECONDS_KEPT:
+            _seconds.clear()
+        text = _seconds[second] = (_EPOCH + timedelta(seconds=second)).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
     return f"{text}.{micros:06d}"
 
 
