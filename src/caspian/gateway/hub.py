@@ -29,8 +29,15 @@ from caspian.timefmt import format_us, now_us
 
 log = logging.getLogger(__name__)
 
+# Read once: looking up an enum member on its class costs several times a
+# global's lookup, and the hot paths below read these on every event.
 _CONNECTED = StreamState.CONNECTED.value
 _DISCONNECTED = StreamState.DISCONNECTED.value
+_BBO = Stream.BBO
+_TRADE = Stream.TRADE
+_DEPTH = Stream.DEPTH
+_LEVEL1 = MessageType.LEVEL1.value
+_LEVEL2 = MessageType.LEVEL2.value
 
 
 class Subscriber(Protocol):
@@ -86,9 +93,9 @@ class SymbolState:
             return cached[1]
         tail = _tail(
             {
-                "type": MessageType.LEVEL1.value,
-                "bboStream": self.streams[Stream.BBO],
-                "tradeStream": self.streams[Stream.TRADE],
+                "type": _LEVEL1,
+                "bboStream": self.streams[_BBO],
+                "tradeStream": self.streams[_TRADE],
                 "payload": self.l1,
             }
         )
@@ -96,11 +103,11 @@ class SymbolState:
         return tail
 
     def l2_tail(self, changes: Iterable[LevelChange], ts: int | None = None) -> bytes:
-        message: dict[str, Any] = {"type": MessageType.LEVEL2.value}
+        message: dict[str, Any] = {"type": _LEVEL2}
         if self.depth_exchange_ts is not None:
             message["exchangeTimestamp"] = format_us(self.depth_exchange_ts)
         message["caspianTimestamp"] = format_us(self.depth_ts or ts or now_us())
-        message["depthStream"] = self.streams[Stream.DEPTH]
+        message["depthStream"] = self.streams[_DEPTH]
         message["payload"] = [
             {"price": price, "size": size, "side": side} for price, size, side in changes
         ]
@@ -391,7 +398,7 @@ class Hub:
             return
         state.depth_ts = event.ts
         state.depth_exchange_ts = event.exchange_ts
-        status_changed = self._set_stream(state, Stream.DEPTH, _CONNECTED)
+        status_changed = self._set_stream(state, _DEPTH, _CONNECTED)
         if book.crossed():
             log.warning("crossed book for %s from the source", state.symbol)
         top_changed = event.snapshot or bids or asks
@@ -411,7 +418,7 @@ class Hub:
                 group.send_status()
             if top_changed:
                 self._changed(group)
-        if state.quotes or not (top_changed or state.streams[Stream.BBO] != _CONNECTED):
+        if state.quotes or not (top_changed or state.streams[_BBO] != _CONNECTED):
             return
         best_bid = book.best_bid()
         best_ask = book.best_ask()
@@ -420,14 +427,14 @@ class Hub:
         if (
             best_bid is not state.best_bid
             or best_ask is not state.best_ask
-            or state.streams[Stream.BBO] != _CONNECTED
+            or state.streams[_BBO] != _CONNECTED
         ):
             state.best_bid = best_bid
             state.best_ask = best_ask
             self._set_bbo(
                 state,
                 event,
-                Stream.BBO not in state.declared,
+                _BBO not in state.declared,
                 best_bid[0] if best_bid else None,
                 best_bid[1] if best_bid else None,
                 best_ask[0] if best_ask else None,
@@ -450,7 +457,7 @@ class Hub:
     ) -> None:
         """New best bid and offer; ``alive`` when their arrival proves the BBO stream is up."""
         l1 = state.l1
-        status_changed = alive and self._set_stream(state, Stream.BBO, _CONNECTED)
+        status_changed = alive and self._set_stream(state, _BBO, _CONNECTED)
         if (
             not status_changed
             and l1.get("ask") == ask
@@ -477,7 +484,7 @@ class Hub:
         self._l1_changed(state, status_changed)
 
     def _on_trade(self, state: SymbolState, event: TradeEvent) -> None:
-        status_changed = self._set_stream(state, Stream.TRADE, _CONNECTED)
+        status_changed = self._set_stream(state, _TRADE, _CONNECTED)
         l1 = state.l1
         l1["tradePrice"] = event.price
         l1["tradeSize"] = event.size
