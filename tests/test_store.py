@@ -664,20 +664,6 @@ async def test_a_prepared_store_keeps_its_descriptors_and_threads_through_a_burs
         await store.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="a Linux scheduling policy")
-async def test_argon2_runs_in_threads_that_yield_the_core_to_the_event_loop(
-    store: Store,
-) -> None:
-    """A burst of logins on the event loop's core once delayed every stream update."""
-    policies = await asyncio.gather(*(store._argon2(os.sched_getscheduler, 0) for _ in range(4)))
-    assert policies == [os.SCHED_IDLE] * 4
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE
-    # Logins still work, at that priority.
-    await store.create_user("alice", "correct horse")
-    assert await store.verify_credential("alice", "correct horse") is not None
-    assert await store.verify_credential("alice", "wrong") is None
-
-
 async def test_an_in_memory_store_has_no_pool_to_fill() -> None:
     store = Store("sqlite+aiosqlite://")
     try:

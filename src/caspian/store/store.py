@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import secrets
 import string
@@ -99,24 +98,6 @@ _HASHER = PasswordHasher()
 #: milliseconds: unbounded, a burst of logins took hundreds of MiB and starved the
 #: event loop's core; beyond these, logins wait their turn.
 _ARGON2_AT_ONCE = 2
-
-
-def _yield_to_the_loop() -> None:
-    """Runs in each argon2 thread: it yields the core to every normal thread.
-
-    Even two checks at once on the event loop's core held the loop off for tens of
-    milliseconds: the scheduler shared the core fairly between them (a loop waking
-    every millisecond beside six checks on its core was late 11 ms at the 99th
-    percentile, 22 to 37 at most; with this policy 1.2 to 1.3, and 2.5 to 8).
-    ``SCHED_IDLE`` threads run only when no other thread wants the core, so logins take
-    the time the stream leaves, and libargon2's own lane threads inherit the policy.
-    Linux only; elsewhere nothing changes.
-    """
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
 _SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
 #: Ids per statement when deleting sessions: far below every back end's limit of bound
 #: parameters, however many connections a gateway lost between two syncs.
@@ -397,10 +378,8 @@ class Store:
     def __init__(self, url: str) -> None:
         # One per store, hence per event loop: a semaphore belongs to the loop it waits in.
         self._argon2_slots = asyncio.Semaphore(_ARGON2_AT_ONCE)
-        #: Threads are started at the first check, so the CLI's commands start none.
-        self._argon2_threads = ThreadPoolExecutor(
-            _ARGON2_AT_ONCE, "caspian-argon2", initializer=_yield_to_the_loop
-        )
+        #: Started by ``prepare`` in a server, at the first check elsewhere (the CLI).
+        self._argon2_threads = ThreadPoolExecutor(_ARGON2_AT_ONCE, "caspian-argon2")
         #: Set by ``upgrade``: the store had no schema, and was created empty.
         self.created = False
         try:
