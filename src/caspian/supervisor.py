@@ -223,7 +223,10 @@ class Child:
                 env=dict(self.spec.env),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(write_fd,) if write_fd is not None else (),
-                process_group=0,
+                # Its own session, so its own process group: it and whatever it
+                # starts are signalled together. (uvloop, the default loop, has no
+                # process_group argument.)
+                start_new_session=True,
                 preexec_fn=_die_with_parent(),
             )
         finally:
