@@ -204,8 +204,9 @@ async def test_a_standby_source_takes_over_from_a_killed_one(
 
     async def started(name: str) -> tuple[ServeProcess, str]:
         """A source process, and its epoch: the first heartbeat not heard before."""
-        process = await asyncio.to_thread(ServeProcess, tmp_path / name, nats_server.url)
+        # Counted before the start: the process may beat before it prints its address.
         known = len(beating)
+        process = await asyncio.to_thread(ServeProcess, tmp_path / name, nats_server.url)
         for _ in range(100):
             if len(beating) > known:
                 return process, beating[known]
