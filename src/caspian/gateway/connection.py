@@ -406,7 +406,9 @@ class StreamConnection(asyncio.Protocol):
             self._wake.cancel()
             self._wake = None
         transport = self._transport
-        if code is not CloseCode.QUEUE_LIMIT and transport is not None:
+        if code is CloseCode.QUEUE_LIMIT:
+            self._gateway.trimmer.freed(self._backlog_bytes)
+        elif transport is not None:
             # The transport buffers beyond its high-water mark; the close
             # frame follows, and CLOSE_TIMEOUT_S bounds the wait for the client.
             pending = b"".join((*self._backlog, *self._out))

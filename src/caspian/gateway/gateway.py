@@ -14,6 +14,7 @@ from caspian.codes import CloseCode, TokenRefreshCode
 from caspian.gateway.hub import Hub
 from caspian.gateway.registry import Lost, Registry
 from caspian.gateway.session import Resolver, SessionLimits, TokenCheck
+from caspian.heap import Trimmer
 from caspian.store import GatewaySync, SessionInfo, StoreError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._to_flush: list[StreamConnection] = []
         self._flush_handle: asyncio.Handle | None = None
+        #: Told of each slow client's dropped backlog, so that its memory goes back soon.
+        self.trimmer = Trimmer()
 
     def flush_later(self, connection: StreamConnection) -> None:
         """Flush ``connection`` at the end of this loop turn.
@@ -223,3 +226,4 @@ class Gateway:
             with suppress(asyncio.CancelledError):
                 await task
         self.close_all(CloseCode.GOING_AWAY)
+        self.trimmer.close()
