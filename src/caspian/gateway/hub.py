@@ -188,6 +188,22 @@ class Level2Group(_Group):
         if asks:
             self._ask_changes.update(asks)
 
+    def send(self, bids: list[Level], asks: list[Level]) -> None:
+        """An unconflated update: changes to this group's top-N, netted and sent at once.
+
+        The same as :meth:`push` then :meth:`flush`, without the pending changes'
+        dicts, which only conflation needs.
+        """
+        if self.resync or self.rescan or self._bid_changes or self._ask_changes:
+            self.push(bids, asks)
+            self.flush()
+            return
+        changes = _net(self.bids, bids, "bid")
+        changes += _net(self.asks, asks, "ask")
+        if changes:
+            self._snapshot_tail = None
+            self.fan_out(self.state.l2_tail(changes))
+
     def snapshot_tail(self) -> bytes:
         """The last sent view as one whole top-N message, for a newcomer."""
         if self._snapshot_tail is None:
@@ -204,8 +220,10 @@ class Level2Group(_Group):
             changes = self._read_top(whole=self.resync)
             self.resync = self.rescan = False
         else:
-            changes = _net(self.bids, self._bid_changes, "bid")
-            changes += _net(self.asks, self._ask_changes, "ask")
+            changes = _net(self.bids, self._bid_changes.items(), "bid")
+            changes += _net(self.asks, self._ask_changes.items(), "ask")
+            self._bid_changes.clear()
+            self._ask_changes.clear()
         if not changes:
             return False
         self._snapshot_tail = None
@@ -228,17 +246,16 @@ class Level2Group(_Group):
         self.fan_out(self.state.l2_tail(()))
 
 
-def _net(sent: dict[float, float], pending: dict[float, float], side: str) -> list[LevelChange]:
-    """Applies ``pending`` to ``sent``; the changes that made a difference."""
+def _net(sent: dict[float, float], pending: Iterable[Level], side: str) -> list[LevelChange]:
+    """Applies ``pending`` (each price once) to ``sent``; the changes that made a difference."""
     changes: list[LevelChange] = []
-    for price, size in pending.items():
+    for price, size in pending:
         if size > 0:
             if sent.get(price) != size:
                 sent[price] = size
                 changes.append((price, size, side))
         elif sent.pop(price, None) is not None:
             changes.append((price, 0.0, side))
-    pending.clear()
     return changes
 
 
@@ -406,6 +423,9 @@ class Hub:
             if event.snapshot:
                 group.resync = True
             elif group.levels == state.depth:
+                if group.interval is None and not status_changed:
+                    group.send(bids, asks)
+                    continue
                 group.push(bids, asks)
             elif top_changed:
                 # A shallower top's changes cannot be told from the deepest
