@@ -47,12 +47,12 @@ def release_free_heap() -> bool:
 class Trimmer:
     """Returns the heap's free pages soon after a large free, not at the minute's pass.
 
-    A slow client cut with 3007 frees up to ``CASPIAN_MAX_QUEUE_BYTES`` of backlog
-    at once; left to the collector's full pass, a minute later, that memory showed
-    as a rising floor in the soak. Frees are summed until ``threshold`` bytes, then
-    one trim follows after ``delay_s`` (frees that come together share it), and
-    never sooner than ``every_s`` after the last, since each costs the loop
-    milliseconds.
+    A slow client's backlog, up to ``CASPIAN_MAX_QUEUE_BYTES``, is freed at once when
+    it reads on, leaves, or is cut with 3007; left to the collector's full pass, a
+    minute later, that memory showed as a rising floor in the soak. Frees are
+    summed until ``threshold`` bytes, then one trim follows after ``delay_s``
+    (frees that come together share it), and never sooner than ``every_s`` after
+    the last, since each costs the loop milliseconds.
     """
 
     def __init__(

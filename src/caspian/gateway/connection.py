@@ -161,10 +161,14 @@ class StreamConnection(asyncio.Protocol):
         self._paused = False
         transport = self._transport
         backlog = self._backlog
+        drained = 0
         while backlog and not self._paused and transport is not None:
             batch = b"".join([backlog.popleft() for _ in range(min(_RESUME_BATCH, len(backlog)))])
             self._backlog_bytes -= len(batch)
+            drained += len(batch)
             transport.write(batch)
+        # The frames are freed as they are joined, the batches once the socket took them.
+        self._gateway.trimmer.freed(drained)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -177,7 +181,9 @@ class StreamConnection(asyncio.Protocol):
         # find the connection closing and do nothing more.
         if self._transport is not None:
             self.limits.release(self._transport)
+        self._gateway.trimmer.freed(self._backlog_bytes)
         self._backlog.clear()
+        self._backlog_bytes = 0
         self._out.clear()
         if self in self._gateway.connections:
             self._gateway.connections.discard(self)
