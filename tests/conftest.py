@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,18 @@ __all__ = ["data_dir", "nats_server", "postgres_server", "service"]
 if TYPE_CHECKING:
     from tests.support.nats import NatsServer
     from tests.support.service import RunningService
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interruptible_children() -> None:
+    """Commands the tests start can be stopped with Ctrl-C (SIGINT) and SIGQUIT, however
+    the suite was started: a shell starts a background job (``pytest &``) with both
+    ignored, every process the tests start inherits that, and the tests that stop one
+    with SIGINT then waited for it in vain."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -311,6 +311,9 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
             os.write(ready_fd, READY_LINE)
             os.close(ready_fd)
             return
+        # Before the banner: whoever has read the banner finds the note there already.
+        if listening.service.store.created:
+            typer.echo(f"note: {_new_store(settings)}", err=True)
         if role is Role.INGEST:
             base = listening.rest_url.removesuffix("/v1")
             typer.echo(f"Caspian ingest:   {base} (/healthz, /readyz, /metrics only)")
@@ -318,12 +321,12 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
             typer.echo(f"Caspian REST API: {listening.rest_url}")
             typer.echo(f"Caspian stream:   {listening.stream_url}")
         _print_setup(settings)
-        if listening.service.store.created:
-            typer.echo(f"note: {_new_store(settings)}", err=True)
         sys.stdout.flush()
 
     def workers_ready(running: Workers) -> None:
         rest, stream = addresses(running.host, running.port, settings.tls_cert is not None)
+        if running.store_created:
+            typer.echo(f"note: {_new_store(settings)}", err=True)
         typer.echo(f"Caspian REST API: {rest}")
         typer.echo(f"Caspian stream:   {stream}")
         if running.ingest_port is not None:
@@ -335,8 +338,6 @@ def _run_service(role: Role, workers: int = 1, ready_fd: int | None = None, **op
         pids = ", ".join(str(child.pid) for child in running.children)
         typer.echo(f"Caspian workers:  {len(running.children)} processes (pids {pids})")
         _print_setup(settings)
-        if running.store_created:
-            typer.echo(f"note: {_new_store(settings)}", err=True)
         sys.stdout.flush()
 
     _stop_on_sigterm()
