@@ -486,3 +486,36 @@ def test_driver_arguments_are_checked() -> None:
         Simulator(CATALOG.get, rate=0.0)
     with pytest.raises(ValueError):
         Simulator(CATALOG.get, outages=True, outage_probability=1.5)
+
+
+async def test_a_long_phase_lets_the_loop_run_between_its_symbols() -> None:
+    """A tick's phase is stepped in turns of the loop of bounded length, so the
+    clients of the symbols stepped first are served before the rest are: a
+    key subscribing to many symbols makes phases long, not others' updates late."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen_in_turn: dict[int, set[str]] = {}
+
+    def slow_consumer(event: Event) -> None:
+        # Longer per event than a turn may take, so every symbol ends a turn.
+        time.sleep(0.0005)
+        if isinstance(event, BookEvent) and not event.snapshot:
+            seen_in_turn.setdefault(turns, set()).add(event.symbol)
+
+    counter = asyncio.create_task(count_turns())
+    # Seven symbols over four phases: some share one.
+    driver = Driver(Simulator(CATALOG.get, rate=100.0), also=slow_consumer)
+    try:
+        for product in ALL:
+            driver.sim.watch(product.symbol)
+        await driver.until(lambda events: sum(len(s) for s in seen_in_turn.values()) >= 60)
+        assert all(len(symbols) == 1 for symbols in seen_in_turn.values()), seen_in_turn
+    finally:
+        await driver.stop()
+        counter.cancel()

@@ -12,7 +12,10 @@ Writes are gathered during one event-loop turn and flushed together. When the
 client reads too slowly the transport pauses us; messages then wait in a
 bounded backlog, and a backlog of ``max_queue`` messages closes the
 connection with 3007, so a slow client costs bounded memory and never delays
-anyone else.
+anyone else. The backlog is one contiguous buffer, not a frame object per
+message: tens of thousands of small frames were spread over the allocator's
+small-object arenas among longer-lived objects, and once freed those arenas
+could not go back to the system, so every slow client raised the RSS floor.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections import deque
+from array import array
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -58,8 +61,8 @@ _throttled = LogThrottle(log)
 STREAM_PATH = "/v1/stream"
 #: How long a closing connection may take to answer before it is cut.
 CLOSE_TIMEOUT_S = 5.0
-#: Backlogged frames written per transport.write when a paused client resumes.
-_RESUME_BATCH = 256
+#: Backlogged bytes written per transport.write when a paused client resumes.
+_RESUME_BYTES = 1 << 18
 
 _TEXT_FIN = 0x81
 _pack16 = struct.Struct("!BBH").pack
@@ -125,8 +128,9 @@ class StreamConnection(asyncio.Protocol):
         #: Waiting in the gateway's flush list.
         self._flush_queued = False
         self._paused = False
-        self._backlog: deque[bytes] = deque()
-        self._backlog_bytes = 0
+        self._backlog = bytearray()
+        #: The length of each frame in the backlog, in order: its count is the message bound's.
+        self._backlog_frames = array("L")
         self._closing = False
         self._expiry: asyncio.TimerHandle | None = None
         self._abort: asyncio.TimerHandle | None = None
@@ -161,13 +165,22 @@ class StreamConnection(asyncio.Protocol):
         self._paused = False
         transport = self._transport
         backlog = self._backlog
+        frames = self._backlog_frames
         drained = 0
         while backlog and not self._paused and transport is not None:
-            batch = b"".join([backlog.popleft() for _ in range(min(_RESUME_BATCH, len(backlog)))])
-            self._backlog_bytes -= len(batch)
-            drained += len(batch)
+            size = count = 0
+            for length in frames:
+                size += length
+                count += 1
+                if size >= _RESUME_BYTES:
+                    break
+            # A copy for the transport, which may keep what it cannot send at once.
+            batch = bytes(memoryview(backlog)[:size])
+            del backlog[:size]
+            del frames[:count]
+            drained += size
             transport.write(batch)
-        # The frames are freed as they are joined, the batches once the socket took them.
+        # The batches are freed once the socket took them.
         self._gateway.trimmer.freed(drained)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -181,9 +194,8 @@ class StreamConnection(asyncio.Protocol):
         # find the connection closing and do nothing more.
         if self._transport is not None:
             self.limits.release(self._transport)
-        self._gateway.trimmer.freed(self._backlog_bytes)
-        self._backlog.clear()
-        self._backlog_bytes = 0
+        self._gateway.trimmer.freed(len(self._backlog))
+        self._drop_backlog()
         self._out.clear()
         if self in self._gateway.connections:
             self._gateway.connections.discard(self)
@@ -324,7 +336,7 @@ class StreamConnection(asyncio.Protocol):
         length = len(prefix) + len(tail)
         header = _HEADERS[length] if length < _TABLED else _text_header(length)
         if self._paused:
-            self._queue(b"".join((header, prefix, tail)))
+            self._queue(header, prefix, tail)
             return
         # Pieces are joined once per flush, so a delivery copies its payload once.
         out = self._out
@@ -338,22 +350,30 @@ class StreamConnection(asyncio.Protocol):
     def _send(self, message: bytes) -> None:
         self.deliver(b"", message)
 
-    def _queue(self, frame: bytes) -> None:
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
+    def _queue(self, header: bytes, prefix: bytes, tail: bytes) -> None:
+        backlog = self._backlog
+        backlog += header
+        backlog += prefix
+        backlog += tail
+        self._backlog_frames.append(len(header) + len(prefix) + len(tail))
         settings = self._gateway.settings
         # Bounded in messages, as the original promises, and in bytes: a few
         # clients that stop reading whole-book updates must not take the memory.
         if (
-            len(self._backlog) >= settings.max_queue
-            or self._backlog_bytes > settings.max_queue_bytes
+            len(self._backlog_frames) >= settings.max_queue
+            or len(backlog) > settings.max_queue_bytes
         ):
             _throttled.info(
                 "slow",
-                f"closing a slow client: {len(self._backlog)} messages, "
-                f"{self._backlog_bytes} bytes undelivered",
+                f"closing a slow client: {len(self._backlog_frames)} messages, "
+                f"{len(backlog)} bytes undelivered",
             )
             self.close(CloseCode.QUEUE_LIMIT)
+
+    def _drop_backlog(self) -> None:
+        # New objects rather than cleared ones: a transport may still hold a view of the old.
+        self._backlog = bytearray()
+        self._backlog_frames = array("L")
 
     def flush(self) -> None:
         """Write what this turn gathered, as one write."""
@@ -413,15 +433,15 @@ class StreamConnection(asyncio.Protocol):
             self._wake = None
         transport = self._transport
         if code is CloseCode.QUEUE_LIMIT:
-            self._gateway.trimmer.freed(self._backlog_bytes)
+            self._gateway.trimmer.freed(len(self._backlog))
         elif transport is not None:
             # The transport buffers beyond its high-water mark; the close
             # frame follows, and CLOSE_TIMEOUT_S bounds the wait for the client.
-            pending = b"".join((*self._backlog, *self._out))
-            if pending:
-                transport.write(pending)
-        self._backlog.clear()
-        self._backlog_bytes = 0
+            if self._backlog:
+                transport.write(self._backlog)
+            if self._out:
+                transport.write(b"".join(self._out))
+        self._drop_backlog()
         self._out.clear()
         # A close can come from inside the hub's fan-out (3007): leave the
         # hub alone until that delivery loop is over.

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -625,6 +626,10 @@ class SymbolSimulator:
 #: Watched symbols are spread over this many phases of each tick, so their
 #: events do not all fire in one burst.
 _PHASES = 4
+#: Loop time one tick may take before it lets the loop run: the clients of the
+#: symbols stepped so far get their updates flushed, and nothing else waits
+#: behind a long phase (a client subscribing to many symbols makes phases long).
+_TURN_S = 0.0002
 
 
 class Simulator(Source):
@@ -712,7 +717,7 @@ class Simulator(Source):
                 self._start_pending(sink)
             now = loop.time()
             if now >= due:
-                self._tick(self._phases[phase], sink)
+                await self._tick(self._phases[phase], sink)
                 phase = (phase + 1) % _PHASES
                 due += interval
                 now = loop.time()
@@ -746,10 +751,15 @@ class Simulator(Source):
         self._phases[zlib.crc32(symbol.encode()) % _PHASES][symbol] = sim
         _deliver(sim.start(ts), sink)
 
-    def _tick(self, phase: dict[str, SymbolSimulator], sink: EventSink) -> None:
+    async def _tick(self, phase: dict[str, SymbolSimulator], sink: EventSink) -> None:
         ts = self._clock()
+        turn_ends = time.perf_counter() + _TURN_S
         for symbol, sim in list(phase.items()):
-            # The sink may unwatch symbols while we go through this phase.
+            if time.perf_counter() >= turn_ends:
+                await asyncio.sleep(0)
+                ts = self._clock()
+                turn_ends = time.perf_counter() + _TURN_S
+            # The sink, or others while we yielded, may unwatch symbols of this phase.
             if self._symbols.get(symbol) is not sim:
                 continue
             if _expired(sim.product, ts):
