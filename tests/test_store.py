@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import caspian.store
+from caspian.auth import hashing
 from caspian.catalog.product import ProductSpec
 from caspian.store import (
     KEY,
@@ -274,7 +276,7 @@ async def test_a_password_changed_while_it_is_checked_does_not_log_in(
 ) -> None:
     await store.create_user("lee", "old")
     loop = asyncio.get_running_loop()
-    real_verify = store_module._verify
+    real_verify = hashing.verify
 
     def verify_then_change(stored_hash: str | None, secret: str) -> bool:
         matched = real_verify(stored_hash, secret)
@@ -282,9 +284,9 @@ async def test_a_password_changed_while_it_is_checked_does_not_log_in(
         asyncio.run_coroutine_threadsafe(store.set_password("lee", "new"), loop).result(30)
         return matched
 
-    monkeypatch.setattr(store_module, "_verify", verify_then_change)
+    monkeypatch.setattr(hashing, "verify", verify_then_change)
     assert await store.verify_credential("lee", "old") is None
-    monkeypatch.setattr(store_module, "_verify", real_verify)
+    monkeypatch.setattr(hashing, "verify", real_verify)
     assert await store.verify_credential("lee", "new") is not None
 
 
@@ -623,14 +625,15 @@ async def test_sqlite_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> No
 async def test_a_prepared_store_keeps_its_descriptors_and_threads_through_a_burst(
     tmp_path: Path,
 ) -> None:
-    """A server's store opens its connections and starts its argon2 threads at start, and
-    never more: the soak run saw descriptors on ``caspian.db`` and threads grow under
-    load, and could not tell that growth from a leak."""
+    """A server's store opens its connections and starts its argon2 worker processes at
+    start, and never more: the soak run saw descriptors on ``caspian.db`` and threads grow
+    under load, and could not tell that growth from a leak."""
     database = tmp_path / "caspian.db"
     store = Store(f"sqlite+aiosqlite:///{database}")
 
-    def opened() -> tuple[int, int, int]:
-        """Descriptors on the database's files, aiosqlite's connection threads, argon2's."""
+    def opened() -> tuple[int, int, int, list[int]]:
+        """Descriptors on the database's files, aiosqlite's connection threads, argon2's
+        threads and worker processes."""
         descriptors = 0
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
@@ -640,6 +643,7 @@ async def test_a_prepared_store_keeps_its_descriptors_and_threads_through_a_burs
             descriptors,
             sum(name.endswith("(_connection_worker_thread)") for name in names),
             sum(name.startswith("caspian-argon2") for name in names),
+            sorted(child.pid or 0 for child in multiprocessing.active_children()),
         )
 
     try:
@@ -647,7 +651,8 @@ async def test_a_prepared_store_keeps_its_descriptors_and_threads_through_a_burs
         key, secret = await store.create_key("alice")
         await store.prepare()
         prepared = opened()
-        assert prepared[1:] == (store_module.POOL_SIZE, store_module._ARGON2_AT_ONCE)
+        assert prepared[1:3] == (store_module.POOL_SIZE, 0)
+        assert len(prepared[3]) == hashing.AT_ONCE
         # Eight times as many requests at once as there are connections, and logins:
         # they wait their turn, and all are answered.
         burst = 8 * store_module.POOL_SIZE
@@ -752,7 +757,7 @@ async def test_argon2_checks_run_at_most_two_at_once(
         running = 0
         most = 0
         lock = threading.Lock()
-        verify = store_module._verify
+        verify = hashing.verify
 
         def counted(stored_hash: str, secret: str) -> bool:
             nonlocal running, most
@@ -766,7 +771,7 @@ async def test_argon2_checks_run_at_most_two_at_once(
                 with lock:
                     running -= 1
 
-        monkeypatch.setattr(store_module, "_verify", counted)
+        monkeypatch.setattr(hashing, "verify", counted)
         answers = await asyncio.gather(*(store.verify_key(info.key_id, "wrong") for _ in range(8)))
         assert answers == [None] * 8
         assert most == 2

@@ -15,7 +15,7 @@ Each login is counted in sliding windows of ``window_s`` seconds:
 
 A login reserves a slot in each of its counts before its secret is checked, and
 settles it after: a failure keeps the slot as a failure, a success or an error frees
-it. The check is an argon2 verification in a thread, long enough for many more
+it. The check is an argon2 verification in a worker, long enough for many more
 requests to arrive; without the reservation they would all be let through while the
 first was still being checked.
 

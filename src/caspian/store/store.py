@@ -10,27 +10,21 @@ start by ``prepare``: its descriptors and threads stay fixed, however many reque
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import secrets
 import string
-import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, event, exists, insert, select
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
@@ -48,6 +42,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from caspian.auth import hashing
 from caspian.catalog.product import ProductSpec
 from caspian.files import PRIVATE_DIR, private_file, tighten_if_present
 from caspian.store.models import (
@@ -92,12 +87,6 @@ _POOL_TIMEOUT_S = 10.0
 _WRITE = "caspian_write"
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
-T = TypeVar("T")
-_HASHER = PasswordHasher()
-#: argon2 checks and hashes run at once. Each takes 64 MiB and a core for tens of
-#: milliseconds: unbounded, a burst of logins took hundreds of MiB and starved the
-#: event loop's core; beyond these, logins wait their turn.
-_ARGON2_AT_ONCE = 2
 _SPEC_FIELDS = tuple(field.name for field in fields(ProductSpec))
 #: Ids per statement when deleting sessions: far below every back end's limit of bound
 #: parameters, however many connections a gateway lost between two syncs.
@@ -214,24 +203,6 @@ def _check_user_name(name: str) -> None:
         raise ValueError(
             f"invalid user name {name!r}: 1 to {USER_NAME_LENGTH} letters, digits or ._-@"
         )
-
-
-@cache
-def _decoy_hash() -> str:
-    return _HASHER.hash(secrets.token_urlsafe(_SECRET_BYTES))
-
-
-def _verify(stored_hash: str | None, secret: str) -> bool:
-    """Check a secret against its hash.
-
-    Without a hash (unknown user or key), a decoy is verified instead so that the answer
-    takes as long as a wrong secret: timing does not tell which names exist.
-    """
-    try:
-        matched = _HASHER.verify(stored_hash or _decoy_hash(), secret)
-    except (VerificationError, InvalidHashError):
-        return False
-    return matched and stored_hash is not None
 
 
 def _means_unavailable(exc: Exception) -> bool:
@@ -376,10 +347,9 @@ class Store:
     """
 
     def __init__(self, url: str) -> None:
-        # One per store, hence per event loop: a semaphore belongs to the loop it waits in.
-        self._argon2_slots = asyncio.Semaphore(_ARGON2_AT_ONCE)
-        #: Started by ``prepare`` in a server, at the first check elsewhere (the CLI).
-        self._argon2_threads = ThreadPoolExecutor(_ARGON2_AT_ONCE, "caspian-argon2")
+        # One per store, hence per event loop: its semaphore belongs to the loop it waits in.
+        #: Processes started by ``prepare`` in a server, threads at the first check elsewhere.
+        self._hashers = hashing.Hashers()
         #: Set by ``upgrade``: the store had no schema, and was created empty.
         self.created = False
         try:
@@ -417,11 +387,6 @@ class Store:
     def _is_sqlite(self) -> bool:
         return self._url.get_backend_name() == "sqlite"
 
-    async def _argon2(self, function: Callable[..., T], *args: Any) -> T:
-        async with self._argon2_slots:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._argon2_threads, function, *args)
-
     @asynccontextmanager
     async def _session(self, *, write: bool = False) -> AsyncIterator[AsyncSession]:
         """A session in one transaction, committed when the block ends without error."""
@@ -445,18 +410,10 @@ class Store:
                     self.created = await connection.run_sync(_migrate)
 
     async def prepare(self) -> None:
-        """Opens every connection of the pool and starts the argon2 threads now, for a
-        server: its descriptors and threads are then there from the start, not added
-        under the first burst of requests or logins."""
-        # Each thread waits for the others, so that none is reused and all start.
-        together = threading.Barrier(_ARGON2_AT_ONCE, timeout=10)
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(self._argon2_threads, together.wait)
-                for _ in range(_ARGON2_AT_ONCE)
-            )
-        )
+        """Opens every connection of the pool and starts the argon2 worker processes now,
+        for a server: its descriptors, threads and processes are then there from the
+        start, not added under the first burst of requests or logins."""
+        await self._hashers.start_processes()
         if not _pooled(self._url):
             return
         async with _availability(), contextlib.AsyncExitStack() as held:
@@ -464,7 +421,7 @@ class Store:
                 await held.enter_async_context(self._engine.connect())
 
     async def close(self) -> None:
-        self._argon2_threads.shutdown(wait=False)
+        self._hashers.close()
         await self._engine.dispose()
 
     # Users
@@ -474,7 +431,9 @@ class Store:
         _check_user_name(name)
         if password == "":
             raise ValueError("a password cannot be empty")
-        password_hash = None if password is None else await self._argon2(_HASHER.hash, password)
+        password_hash = (
+            None if password is None else await self._hashers.run(hashing.hash_secret, password)
+        )
         user = User(
             name=name,
             password_hash=password_hash,
@@ -505,7 +464,7 @@ class Store:
             user = await _find_user(session, name)
             exchanges = [] if user is None else await _entitled(session, user.id)
         stored_hash = None if user is None or user.disabled else user.password_hash
-        if not await self._argon2(_verify, stored_hash, password) or user is None:
+        if not await self._hashers.run(hashing.verify, stored_hash, password) or user is None:
             return None
         # Verifying takes a while: a password changed or a user disabled meanwhile must not
         # let the old password in, or its token would postdate the change and stay valid.
@@ -523,7 +482,7 @@ class Store:
         """Give the user a new password; every token issued to them so far stops working."""
         if password == "":
             raise ValueError("a password cannot be empty")
-        password_hash = await self._argon2(_HASHER.hash, password)
+        password_hash = await self._hashers.run(hashing.hash_secret, password)
         async with self._session(write=True) as session:
             user = await _require_user(session, name)
             user.password_hash = password_hash
@@ -586,7 +545,7 @@ class Store:
         """
         _check_user_name(user)
         secret = secrets.token_urlsafe(_SECRET_BYTES)
-        secret_hash = await self._argon2(_HASHER.hash, secret)
+        secret_hash = await self._hashers.run(hashing.hash_secret, secret)
         key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
         now = _now()
         async with self._session(write=True) as session:
@@ -647,7 +606,7 @@ class Store:
             ).first()
         usable = row is not None and not row[0].revoked and not row[2]
         stored_hash = row[0].secret_hash if row is not None and usable else None
-        if not await self._argon2(_verify, stored_hash, secret) or row is None:
+        if not await self._hashers.run(hashing.verify, stored_hash, secret) or row is None:
             return None
         key, name, _ = row
         return KeyInfo(key_id=key.key_id, user=name, created_time=key.created_time, revoked=False)
