@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -25,17 +26,34 @@ async def hashers() -> AsyncIterator[Hashers]:
     try:
         yield started
     finally:
-        started.close()
+        await started.close()
+
+
+def children(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def existing(pids: set[int]) -> list[int]:
+    """Those of ``pids`` the kernel still has, zombies too."""
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 def alive(pid: int) -> bool:
+    # A zombie is gone for our purposes: only its reaper's wait is missing.
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    # A zombie is gone for our purposes: only its parent's wait is missing.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def test_checks_run_in_other_processes_at_a_lower_priority(hashers: Hashers) -> None:
@@ -78,8 +96,8 @@ def test_workers_end_with_a_server_killed_outright() -> None:
         async def main() -> None:
             hashers = Hashers()
             await hashers.start_processes()
-            pids = {await hashers.run(os.getpid) for _ in range(8)}
-            print(" ".join(map(str, pids)), flush=True)
+            await hashers.run(os.getpid)
+            print("ready", flush=True)
             await asyncio.sleep(60)
 
         asyncio.run(main())
@@ -88,8 +106,10 @@ def test_workers_end_with_a_server_killed_outright() -> None:
     server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        pids = [int(pid) for pid in server.stdout.readline().split()]
-        assert pids and all(alive(pid) for pid in pids)
+        assert server.stdout.readline() == "ready\n"
+        pids = children(server.pid)
+        # The workers, and multiprocessing's resource tracker.
+        assert len(pids) == hashing.AT_ONCE + 1 and all(alive(pid) for pid in pids)
         server.kill()
         server.wait(10)
         deadline = time.monotonic() + 10
@@ -99,3 +119,22 @@ def test_workers_end_with_a_server_killed_outright() -> None:
     finally:
         server.kill()
         server.wait(10)
+
+
+async def test_closing_ends_and_reaps_the_workers() -> None:
+    def workers() -> set[int]:
+        found = set()
+        for pid in children(os.getpid()):
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"spawn_main" in cmdline.read():
+                    found.add(pid)
+        return found
+
+    before = workers()
+    started = Hashers()
+    await started.start_processes()
+    mine = workers() - before
+    assert len(mine) == hashing.AT_ONCE
+    await started.close()
+    # Not even a zombie: waited for, so that none is left for init to reap.
+    assert not existing(mine)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
 import secrets
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
@@ -66,15 +66,17 @@ def verify(stored_hash: str | None, secret: str) -> bool:
     return matched and stored_hash is not None
 
 
-def _worker_started() -> None:
+def _worker_started(server: int) -> None:
     # Ctrl-C reaches the whole process group: the server stops in its own way,
     # and a worker must not print a traceback or break the pool meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(WORKER_NICE)
-    # A server killed outright (kill -9) takes its workers with it.
-    name = ctypes.util.find_library("c")
-    if name is not None:
-        ctypes.CDLL(name).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A server killed outright (kill -9) takes its workers with it; one that
+    # died before the signal was asked for is seen in the parent's pid.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:
+        os._exit(0)
 
 
 class Hashers:
@@ -98,7 +100,10 @@ class Hashers:
     def _new_pool(self) -> ProcessPoolExecutor:
         # Not forked: the server has threads, and a fork copies their locks mid-use.
         return ProcessPoolExecutor(
-            AT_ONCE, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_started
+            AT_ONCE,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_started,
+            initargs=(os.getpid(),),
         )
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
@@ -117,5 +122,6 @@ class Hashers:
                 executor.shutdown(wait=False)
             return await loop.run_in_executor(self._executor, function, *args)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Ends the workers and waits for them, so that none is left for init to reap."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

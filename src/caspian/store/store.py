@@ -421,7 +421,7 @@ class Store:
                 await held.enter_async_context(self._engine.connect())
 
     async def close(self) -> None:
-        self._hashers.close()
+        await self._hashers.close()
         await self._engine.dispose()
 
     # Users
