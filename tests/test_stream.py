@@ -18,6 +18,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Opcode
 
 from caspian.catalog.product import ProductSpec
 from caspian.codes import Stream, StreamState
@@ -772,5 +773,88 @@ async def test_a_subscribe_no_source_will_serve_is_202_saying_why(
         if served is not None:
             await c.subscribe(served, "Level1")
         await c.close()
+    finally:
+        running.stop()
+
+
+def frame_opcodes(data: bytes) -> list[int]:
+    """The opcodes of ``data``'s unmasked frames, in order."""
+    opcodes = []
+    at = 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length = int.from_bytes(data[at : at + 2], "big")
+            at += 2
+        elif length == 127:
+            length = int.from_bytes(data[at : at + 8], "big")
+            at += 8
+        opcodes.append(opcode)
+        at += length
+    return opcodes
+
+
+async def test_no_data_frame_follows_the_answer_to_a_clients_close(tmp_path: Path) -> None:
+    """A client that closes while the server holds a backlog for it gets the close
+    answer last: the held messages are dropped, not written after it (RFC 6455)."""
+    running = start_service(tmp_path, simulator_rate=100.0)
+    try:
+        token = await asyncio.to_thread(running.token)
+        symbols = served(running.listening.service.catalog)[:8]
+        raw = small_window_socket(running.stream_url)
+        reader, writer = await asyncio.open_connection(sock=raw)
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
+        protocol.send_request(protocol.connect())
+        for data in protocol.data_to_send():
+            writer.write(data)
+        handshake = await reader.readuntil(b"\r\n\r\n")
+        assert b" 101 " in handshake
+        protocol.receive_data(handshake)
+        protocol.events_received()
+        for index, symbol in enumerate(symbols):
+            protocol.send_text(
+                orjson.dumps(
+                    {
+                        "requestId": f"s{index}",
+                        "type": "Subscribe",
+                        "payload": {
+                            "symbol": symbol,
+                            "type": "Level2",
+                            "numberOfLevels": 100,
+                            "conflation": "None",
+                        },
+                    }
+                )
+            )
+        for data in protocol.data_to_send():
+            writer.write(data)
+        await writer.drain()
+
+        def held_back() -> bool:
+            return any(
+                connection._paused and connection._backlog for connection in connections(running)
+            )
+
+        for _ in range(600):
+            if held_back():
+                break
+            await asyncio.sleep(0.05)
+        assert held_back(), "the server never had to hold messages back"
+        protocol.send_close(1000)
+        for data in protocol.data_to_send():
+            writer.write(data)
+        await writer.drain()
+        received = bytearray()
+        while data := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += data
+        writer.close()
+        opcodes = frame_opcodes(bytes(received))
+        assert Opcode.CLOSE.value in opcodes
+        after = opcodes[opcodes.index(Opcode.CLOSE.value) + 1 :]
+        assert after == [], f"{len(after)} frames after the close answer"
     finally:
         running.stop()

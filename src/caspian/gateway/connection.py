@@ -247,6 +247,22 @@ class StreamConnection(asyncio.Protocol):
                 self._receive(message, self._fragments_text)
         elif opcode is Opcode.PONG:
             self._session.pong()
+        elif opcode is Opcode.CLOSE:
+            self._client_closing()
+
+    def _client_closing(self) -> None:
+        """The client is leaving. websockets answers its close frame, and no data frame
+        may follow that answer (RFC 6455), so what still waits for the client is dropped."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        self._gateway.trimmer.freed(len(self._backlog))
+        self._drop_backlog()
+        self._out.clear()
+        self._loop.call_soon(self._end_session)
 
     def _receive(self, message: bytes, text: bool) -> None:
         if not self._closing:
