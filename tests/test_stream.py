@@ -17,8 +17,10 @@ import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
+from websockets.uri import parse_uri
 
 from caspian.catalog.product import ProductSpec
 from caspian.codes import Stream, StreamState
@@ -67,6 +69,42 @@ def small_window_socket(url: str) -> socket.socket:
     raw.connect(stream_address(url))
     raw.setblocking(False)
     return raw
+
+
+async def raw_level2_subscriber(
+    running: RunningService, token: str, symbols: list[str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientProtocol]:
+    """A client on a small-window socket, past its handshake, that has asked for each
+    symbol's whole Level2 unconflated: it reads only when the test does."""
+    raw = small_window_socket(running.stream_url)
+    reader, writer = await asyncio.open_connection(sock=raw)
+    protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
+    protocol.send_request(protocol.connect())
+    for data in protocol.data_to_send():
+        writer.write(data)
+    handshake = await reader.readuntil(b"\r\n\r\n")
+    assert b" 101 " in handshake
+    protocol.receive_data(handshake)
+    protocol.events_received()
+    for index, symbol in enumerate(symbols):
+        protocol.send_text(
+            orjson.dumps(
+                {
+                    "requestId": f"s{index}",
+                    "type": "Subscribe",
+                    "payload": {
+                        "symbol": symbol,
+                        "type": "Level2",
+                        "numberOfLevels": 100,
+                        "conflation": "None",
+                    },
+                }
+            )
+        )
+    for data in protocol.data_to_send():
+        writer.write(data)
+    await writer.drain()
+    return reader, writer, protocol
 
 
 # -- connection ------------------------------------------------------------
@@ -448,9 +486,6 @@ async def test_unanswered_ping_closes_3006(tmp_path: Path) -> None:
     try:
         token = await asyncio.to_thread(running.token)
         reader, writer = await asyncio.open_connection(*stream_address(running.stream_url))
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
         protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
         protocol.send_request(protocol.connect())
         for data in protocol.data_to_send():
@@ -497,37 +532,7 @@ async def test_slow_client_is_closed_3007_and_others_continue(
     try:
         token = await asyncio.to_thread(running.token)
         symbols = served(running.listening.service.catalog)[:30]
-        raw = small_window_socket(running.stream_url)
-        reader, writer = await asyncio.open_connection(sock=raw)
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
-        protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
-        protocol.send_request(protocol.connect())
-        for data in protocol.data_to_send():
-            writer.write(data)
-        handshake = await reader.readuntil(b"\r\n\r\n")
-        assert b" 101 " in handshake
-        protocol.receive_data(handshake)
-        protocol.events_received()
-        for index, symbol in enumerate(symbols):
-            protocol.send_text(
-                orjson.dumps(
-                    {
-                        "requestId": f"s{index}",
-                        "type": "Subscribe",
-                        "payload": {
-                            "symbol": symbol,
-                            "type": "Level2",
-                            "numberOfLevels": 100,
-                            "conflation": "None",
-                        },
-                    }
-                )
-            )
-        for data in protocol.data_to_send():
-            writer.write(data)
-        await writer.drain()
+        reader, writer, protocol = await raw_level2_subscriber(running, token, symbols)
         # A healthy client on the same symbols keeps getting updates meanwhile.
         healthy = await StreamClient.open(running.stream_url, token)
         await healthy.subscribe(symbols[0], "Level2", conflation="None")
@@ -802,37 +807,7 @@ async def test_no_data_frame_follows_the_answer_to_a_clients_close(tmp_path: Pat
     try:
         token = await asyncio.to_thread(running.token)
         symbols = served(running.listening.service.catalog)[:8]
-        raw = small_window_socket(running.stream_url)
-        reader, writer = await asyncio.open_connection(sock=raw)
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
-        protocol = ClientProtocol(parse_uri(f"{running.stream_url}?accessToken={token}"))
-        protocol.send_request(protocol.connect())
-        for data in protocol.data_to_send():
-            writer.write(data)
-        handshake = await reader.readuntil(b"\r\n\r\n")
-        assert b" 101 " in handshake
-        protocol.receive_data(handshake)
-        protocol.events_received()
-        for index, symbol in enumerate(symbols):
-            protocol.send_text(
-                orjson.dumps(
-                    {
-                        "requestId": f"s{index}",
-                        "type": "Subscribe",
-                        "payload": {
-                            "symbol": symbol,
-                            "type": "Level2",
-                            "numberOfLevels": 100,
-                            "conflation": "None",
-                        },
-                    }
-                )
-            )
-        for data in protocol.data_to_send():
-            writer.write(data)
-        await writer.drain()
+        reader, writer, protocol = await raw_level2_subscriber(running, token, symbols)
 
         def held_back() -> bool:
             return any(
