@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import uuid
@@ -11,7 +12,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
 Message = dict[str, Any]
 
@@ -95,7 +96,19 @@ class StreamClient:
             return exc.rcvd.code
 
     async def close(self) -> None:
-        await self.ws.close()
+        """Closes, reading meanwhile what is still in flight: websockets stops reading the
+        socket while 16 messages wait unread, so it would not see the server's answer to
+        the close and would wait out its 10 s close timeout."""
+        reader = asyncio.create_task(self._discard_until_closed())
+        try:
+            await self.ws.close()
+        finally:
+            await reader
+
+    async def _discard_until_closed(self) -> None:
+        with contextlib.suppress(ConnectionClosed, ConcurrencyError):
+            while True:
+                await self.ws.recv()
 
 
 def apply_level2(book: dict[tuple[str, float], float], message: Message) -> None:
