@@ -272,6 +272,61 @@ async def test_a_standby_source_takes_over_from_a_killed_one(
         await watcher.close()
 
 
+async def test_a_source_that_loses_its_lease_says_so_and_serves_again_once_free(
+    nats_server: NatsServer, gateway: RunningService, tmp_path: Path
+) -> None:
+    """A source whose exchange's lease is taken from it stops serving the exchange but
+    still beats: before, its gateways' clients saw the feed go quiet, still connected."""
+    source = start_service(
+        tmp_path / "source", bus=nats_server.url, simulator_rate=40.0, source_timeout_s=TIMEOUT_S
+    )
+    intruder = await nats.connect(nats_server.url)
+    try:
+        token = await asyncio.to_thread(gateway.token)
+        level1 = await StreamClient.open(gateway.stream_url, token)
+        level2 = await StreamClient.open(gateway.stream_url, token)
+        await level1.subscribe(SYMBOL, "Level1", conflation="None")
+        await level2.subscribe(SYMBOL, "Level2", numberOfLevels=10, conflation="None")
+        await next_state(level1, "Level1", lambda m: "bid" in m["payload"], 20)
+        await next_state(level2, "Level2", lambda m: m["payload"], 20)
+
+        kv = await intruder.jetstream().key_value("caspian_sources")
+        loop = asyncio.get_running_loop()
+        taken_at = loop.time()
+        await kv.put("GEMINI", b"another instance")
+        # Within one renewal (a third of the timeout) and the delivery.
+        await next_state(level2, "Level2", lambda m: m["depthStream"] == "disconnected", 5)
+        await next_state(
+            level1,
+            "Level1",
+            lambda m: m["bboStream"] == "disconnected" and m["tradeStream"] == "disconnected",
+            5,
+        )
+        assert loop.time() - taken_at <= TIMEOUT_S + 1
+
+        # The other instance lets go: the source wins it back, and clients a whole top-N.
+        await kv.delete("GEMINI")
+        whole = await next_state(
+            level2,
+            "Level2",
+            lambda m: m["depthStream"] == "connected" and len(m["payload"]) >= 20,
+            10,
+        )
+        book: dict[Any, float] = {}
+        apply_level2(book, whole)
+        for _ in range(20):
+            message = await next_state(level2, "Level2", lambda m: True, 10)
+            assert message["depthStream"] == "connected"
+            apply_level2(book, message)
+        assert sum(1 for side, _ in book if side == "bid") == 10
+        await next_state(level1, "Level1", lambda m: m["bboStream"] == "connected", 10)
+        await level1.close()
+        await level2.close()
+    finally:
+        await intruder.close()
+        source.stop()
+
+
 async def test_clients_of_a_killed_gateway_resume_on_another_with_the_same_token(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

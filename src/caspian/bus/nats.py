@@ -248,11 +248,18 @@ class _SourceSide:
 
     def _follow_interest(self) -> None:
         """Watches upstream the symbols some gateway wants, of the exchanges served here."""
-        wanted = {symbol for symbol in self._wanted() if self._serves(exchange_of(symbol))}
+        asked = self._wanted()
+        wanted = {symbol for symbol in asked if self._serves(exchange_of(symbol))}
         for symbol in wanted - self._watched:
             self._watched.add(symbol)
             self._source.watch(symbol)
         for symbol in self._watched - wanted:
+            if symbol in asked:
+                # Handed over (its lease lost): gateways following this epoch hear it
+                # at once, rather than a feed gone quiet while its source still beats.
+                ts = now_us()
+                for stream in Stream:
+                    self.publish(StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED))
             self._watched.discard(symbol)
             self._source.unwatch(symbol)
             self._tracker.forget(symbol)
