@@ -7,13 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import orjson
 import pytest
 
 from caspian.bus.nats import NatsBus, symbol_token
-from caspian.events import BookEvent
+from caspian.events import BookEvent, TradeEvent
 from caspian.settings import Settings
+from caspian.timefmt import now_us
 from tests.support.client import StreamClient, apply_level2
 from tests.support.nats import NatsServer
 from tests.support.ports import free_port
@@ -170,6 +172,44 @@ async def test_nats_outage_is_visible_and_recovers(
     await client.wait_for(lambda m: m["tradeStream"] == "disconnected", within=5)
     await asyncio.to_thread(nats_server.start)
     await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
+    await client.close()
+
+
+async def test_events_flow_again_after_an_outage_that_overflowed_the_publish_buffer(
+    cluster: tuple[RunningService, RunningService], nats_server: NatsServer
+) -> None:
+    """nats-py refuses a publish once its buffer for the reconnect is full: that error
+    ended the source's publishing for good, while its heartbeat went on, so gateways'
+    clients got a connected feed that never moved again."""
+    source, gateway = cluster
+    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+    await client.subscribe(SYMBOL, "Level1", conflation="None")
+    await client.wait_for(lambda m: m["bboStream"] == "connected" and "bid" in m["payload"])
+    await asyncio.to_thread(nats_server.stop)
+    await client.wait_for(lambda m: m["bboStream"] == "disconnected", within=10)
+
+    async def busy_feed() -> None:
+        """Over 2 MiB of trades while NATS is away, as a busy exchange would send."""
+        side = bus_of(source)._source_side
+        assert side is not None
+        for number in range(20_000):
+            side.publish(TradeEvent(SYMBOL, now_us(), 1.0, 1.0, f"t{number:0100d}"))
+            if number % 500 == 0:
+                await asyncio.sleep(0)
+
+    await asyncio.to_thread(source.call, busy_feed())
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(nats_server.start)
+    await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
+    # Not only the snapshot of the reconnect: the feed moves again.
+    stamps = set()
+    while len(stamps) < 10:
+        update = await client.wait_for(
+            lambda m: m["type"] == "Level1" and "bboCaspianTimestamp" in m["payload"], within=5
+        )
+        stamps.add(update["payload"]["bboCaspianTimestamp"])
+    metrics = (await asyncio.to_thread(httpx.get, f"{source.base_url}/metrics")).text
+    assert 'caspian_bus_publish_failures_total{error="OutboundBufferLimitError"}' in metrics
     await client.close()
 
 

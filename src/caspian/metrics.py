@@ -133,6 +133,14 @@ BUS_SNAPSHOT_REQUESTS = Counter(
     "caspian_bus_snapshot_requests_total", "Snapshot requests sent over the NATS bus."
 )
 
+#: Events the source side could not hand to NATS (its buffer for a reconnect
+#: full, a payload over the server's limit): gateways see the gap and resync.
+BUS_PUBLISH_FAILURES = Counter(
+    "caspian_bus_publish_failures_total",
+    "Events the source side could not publish to NATS, by error.",
+    ["error"],
+)
+
 #: NATS bus feeds rebuilt from a snapshot after a gap, a new source epoch or a reconnect.
 BUS_RESYNCS = Counter("caspian_bus_resyncs_total", "Bus feeds rebuilt from a snapshot.")
 

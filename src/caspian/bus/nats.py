@@ -55,6 +55,7 @@ from caspian.bus.nats_options import redact
 from caspian.codes import Stream, StreamState
 from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
 from caspian.metrics import (
+    BUS_PUBLISH_FAILURES,
     BUS_RECONNECTS,
     BUS_RESYNCS,
     BUS_SNAPSHOT_REQUESTS,
@@ -114,6 +115,7 @@ class _SourceSide:
         self._watched: set[str] = set()
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
+        self._errors = LogThrottle(log)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscriptions: list[NatsSubscription] = []
         #: The exchanges this instance serves, when several may (see leases.py).
@@ -171,7 +173,18 @@ class _SourceSide:
             self._wake.clear()
             while self._outbox:
                 subject, payload = self._outbox.popleft()
-                await self._nc.publish(subject, payload)
+                try:
+                    await self._nc.publish(subject, payload)
+                except nats.errors.Error as exc:
+                    # Lost, not fatal: the events are numbered, so a gateway sees the
+                    # gap at the next one and resyncs; the heartbeat goes on, so the
+                    # publishing must too.
+                    BUS_PUBLISH_FAILURES.labels(type(exc).__name__).inc()
+                    self._errors.warning(
+                        "publish",
+                        f"NATS: events lost on the way to the bus ({exc!r}); "
+                        "gateways resync once it takes them again",
+                    )
 
     async def _beat(self) -> None:
         heartbeat = orjson.dumps({"epoch": self.epoch})
