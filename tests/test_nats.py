@@ -159,16 +159,24 @@ async def test_a_sequence_gap_resyncs_with_a_whole_book(
     await client.close()
 
 
+async def level1_through_an_outage(
+    gateway: RunningService, nats_server: NatsServer, conflation: str
+) -> StreamClient:
+    """A Level1 client of the gateway, once it has seen quotes and then NATS stop."""
+    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
+    await client.subscribe(SYMBOL, "Level1", conflation=conflation)
+    await client.wait_for(lambda m: m["bboStream"] == "connected" and "bid" in m["payload"])
+    await asyncio.to_thread(nats_server.stop)
+    await client.wait_for(lambda m: m["bboStream"] == "disconnected", within=10)
+    return client
+
+
 async def test_nats_outage_is_visible_and_recovers(
     cluster: tuple[RunningService, RunningService], nats_server: NatsServer
 ) -> None:
     _, gateway = cluster
-    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
-    await client.subscribe(SYMBOL, "Level1", conflation="1s")
-    await client.wait_for(lambda m: m["bboStream"] == "connected" and "bid" in m["payload"])
-    await asyncio.to_thread(nats_server.stop)
+    client = await level1_through_an_outage(gateway, nats_server, "1s")
     # Each stream's change goes out at once, one message each.
-    await client.wait_for(lambda m: m["bboStream"] == "disconnected", within=10)
     await client.wait_for(lambda m: m["tradeStream"] == "disconnected", within=5)
     await asyncio.to_thread(nats_server.start)
     await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
@@ -182,11 +190,7 @@ async def test_events_flow_again_after_an_outage_that_overflowed_the_publish_buf
     ended the source's publishing for good, while its heartbeat went on, so gateways'
     clients got a connected feed that never moved again."""
     source, gateway = cluster
-    client = await StreamClient.open(gateway.stream_url, await asyncio.to_thread(gateway.token))
-    await client.subscribe(SYMBOL, "Level1", conflation="None")
-    await client.wait_for(lambda m: m["bboStream"] == "connected" and "bid" in m["payload"])
-    await asyncio.to_thread(nats_server.stop)
-    await client.wait_for(lambda m: m["bboStream"] == "disconnected", within=10)
+    client = await level1_through_an_outage(gateway, nats_server, "None")
 
     async def busy_feed() -> None:
         """Over 2 MiB of trades while NATS is away, as a busy exchange would send."""
@@ -202,7 +206,7 @@ async def test_events_flow_again_after_an_outage_that_overflowed_the_publish_buf
     await asyncio.to_thread(nats_server.start)
     await client.wait_for(lambda m: m["bboStream"] == "connected", within=20)
     # Not only the snapshot of the reconnect: the feed moves again.
-    stamps = set()
+    stamps: set[str] = set()
     while len(stamps) < 10:
         update = await client.wait_for(
             lambda m: m["type"] == "Level1" and "bboCaspianTimestamp" in m["payload"], within=5
