@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trustme
 
+from caspian.tasks import spawn
 from tests.support.client import StreamClient
 from tests.support.nats import NatsServer
 from tests.support.ports import free_port
@@ -67,10 +68,49 @@ def test_an_all_in_one_service_is_ready(tmp_path: Path) -> None:
             "store": "ok",
             "bus": "in-process",
             "source": "heard",
+            "tasks": "ok",
         }
         assert metric(running, "caspian_bus_connected") == 1.0
     finally:
         running.stop()
+
+
+def test_a_background_task_that_fails_turns_health_and_readiness(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long-lived task that ends with an exception leaves its part of the service
+    stopped in a process that lives on: the process must say so, not go on quietly."""
+    running = start_service(tmp_path)
+    try:
+
+        async def failing() -> None:
+            raise RuntimeError("a bug")
+
+        async def start_failing() -> None:
+            await asyncio.sleep(0)
+            spawn(failing(), "caspian-example")
+
+        running.call(start_failing())
+        deadline = time.monotonic() + 5
+        while get(running, "/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = get(running, "/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "failed", "failed": ["caspian-example"]}
+        ready = get(running, "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["tasks"] == "failed: caspian-example"
+        assert metric(running, 'caspian_task_failures_total{task="caspian-example"}') == 1.0
+        assert "background task caspian-example failed" in caplog.text
+        assert "RuntimeError: a bug" in caplog.text
+    finally:
+        running.stop()
+    # Another service, on a loop of its own, is not taken for broken.
+    again = start_service(tmp_path)
+    try:
+        assert get(again, "/healthz").json() == {"status": "ok"}
+    finally:
+        again.stop()
 
 
 async def test_a_gateway_serves_health_while_its_nats_is_down_and_streams_once_up(
@@ -105,7 +145,13 @@ async def test_a_gateway_serves_health_while_its_nats_is_down_and_streams_once_u
         assert update["bboStream"] == "connected"
         ready = await asyncio.to_thread(wait_until_ready, gateway, 10)
         assert ready.status_code == 200, ready.text
-        assert ready.json() == {"ready": True, "store": "ok", "bus": "connected", "source": "heard"}
+        assert ready.json() == {
+            "ready": True,
+            "store": "ok",
+            "bus": "connected",
+            "source": "heard",
+            "tasks": "ok",
+        }
         assert await asyncio.to_thread(metric, gateway, "caspian_bus_connected") == 1.0
         await client.close()
     finally:
@@ -126,6 +172,7 @@ def test_a_gateway_without_a_source_heard_is_not_ready(tmp_path: Path) -> None:
             "store": "ok",
             "bus": "connected",
             "source": "not heard",
+            "tasks": "ok",
         }
     finally:
         gateway.stop()

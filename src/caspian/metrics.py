@@ -133,6 +133,13 @@ BUS_SNAPSHOT_REQUESTS = Counter(
     "caspian_bus_snapshot_requests_total", "Snapshot requests sent over the NATS bus."
 )
 
+#: Long-lived background tasks that ended with an exception (caspian/tasks.py).
+TASK_FAILURES = Counter(
+    "caspian_task_failures_total",
+    "Background tasks that failed, by name: the process needs a restart.",
+    ["task"],
+)
+
 #: Events the source side could not hand to NATS (its buffer for a reconnect
 #: full, a payload over the server's limit): gateways see the gap and resync.
 BUS_PUBLISH_FAILURES = Counter(

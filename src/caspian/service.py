@@ -51,6 +51,7 @@ from caspian.sources.live.source import urls_from_env
 from caspian.sources.replay import ReplaySource
 from caspian.sources.simulator import SimProduct, Simulator
 from caspian.store import GatewayInfo, GatewaySync, SessionInfo, Store, StoreError
+from caspian.tasks import failed, spawn
 from caspian.timefmt import now_us, us_to_dt
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ class Readiness:
 
     ready: bool
     #: store: ok, unavailable or timeout; bus: in-process, connected, connecting,
-    #: reconnecting or closed; source: heard or not heard.
+    #: reconnecting or closed; source: heard or not heard; tasks: ok, or
+    #: "failed: " and the background tasks that failed (caspian/tasks.py).
     parts: dict[str, str]
 
 
@@ -276,17 +278,20 @@ class Service:
         return self.bus.connection_state if isinstance(self.bus, NatsBus) else "in-process"
 
     async def readiness(self) -> Readiness:
-        """What ``/readyz`` answers: ready when the store answers, the bus is connected
-        and a source is heard (always, for a source of its own)."""
+        """What ``/readyz`` answers: ready when the store answers, the bus is connected,
+        a source is heard (always, for a source of its own) and no background task failed."""
+        broken = failed()
         parts = {
             "store": await self._store_state(),
             "bus": self.bus_state(),
             "source": "heard" if self.bus.source_heard() else "not heard",
+            "tasks": f"failed: {', '.join(broken)}" if broken else "ok",
         }
         ready = (
             parts["store"] == "ok"
             and parts["bus"] in ("connected", "in-process")
             and parts["source"] == "heard"
+            and not broken
         )
         return Readiness(ready, parts)
 
@@ -321,20 +326,18 @@ class Service:
         BUS_CONNECTED.set_function(lambda: float(self.bus_state() in ("connected", "in-process")))
         count_tasks(asyncio.get_running_loop())
         self._tasks = [
-            asyncio.create_task(self._refresh_catalog(), name="caspian-catalog"),
-            asyncio.create_task(self._watch_maintenance(), name="caspian-maintenance"),
-            asyncio.create_task(self._manage_gc(), name="caspian-gc"),
+            spawn(self._refresh_catalog(), "caspian-catalog"),
+            spawn(self._watch_maintenance(), "caspian-maintenance"),
+            spawn(self._manage_gc(), "caspian-gc"),
         ]
         if self.source is not None:
-            self._tasks.append(
-                asyncio.create_task(self._run_source(self.source), name="caspian-source")
-            )
+            self._tasks.append(spawn(self._run_source(self.source), "caspian-source"))
         if self.settings.catalog_refresh_s > 0:
             fetch = ccxt_fetcher(urls_from_env())
             self._tasks.append(
-                asyncio.create_task(
+                spawn(
                     self._refresh_markets(self.settings.catalog_refresh_s, fetch),
-                    name="caspian-catalog-refresh",
+                    "caspian-catalog-refresh",
                 )
             )
         if self.serves_clients:

@@ -67,6 +67,7 @@ from caspian.metrics import (
 from caspian.pacing import LogThrottle
 from caspian.sources.base import Source
 from caspian.sources.tracker import SymbolTracker
+from caspian.tasks import spawn
 from caspian.timefmt import now_us
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,12 @@ class _SourceSide:
             await self._nc.subscribe(f"{self._prefix}.snapshot.*", cb=self._on_snapshot),
         ]
         self._tasks = [
-            asyncio.create_task(self._send(), name="caspian-nats-publish"),
-            asyncio.create_task(self._expire(), name="caspian-nats-leases"),
-            asyncio.create_task(self._beat(), name="caspian-nats-heartbeat"),
+            spawn(self._send(), "caspian-nats-publish"),
+            spawn(self._expire(), "caspian-nats-leases"),
+            spawn(self._beat(), "caspian-nats-heartbeat"),
         ]
         if self._leases is not None:
-            self._tasks.append(asyncio.create_task(self._hold(), name="caspian-nats-election"))
+            self._tasks.append(spawn(self._hold(), "caspian-nats-election"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -339,7 +340,7 @@ class NatsBus(Bus):
         (and its clients, who see ``disconnected``) while NATS is down; what needs the
         connection waits for it (``_connection``)."""
         self._connecting = asyncio.create_task(self._connect(), name="caspian-nats-connect")
-        self._renewal = asyncio.create_task(self._renew(), name="caspian-nats-interest")
+        self._renewal = spawn(self._renew(), "caspian-nats-interest")
 
     async def _connect(self) -> None:
         client = self._client = Client()
@@ -451,9 +452,7 @@ class NatsBus(Bus):
             self._liveness.heard(epoch)
 
         await self._nc.subscribe(f"{self._prefix}.heartbeat", cb=on_heartbeat)
-        self._liveness_task = asyncio.create_task(
-            self._watch_sources(), name="caspian-nats-liveness"
-        )
+        self._liveness_task = spawn(self._watch_sources(), "caspian-nats-liveness")
 
     async def _watch_sources(self) -> None:
         """Marks down, and joins again, every feed whose source has gone silent."""

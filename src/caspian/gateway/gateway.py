@@ -16,6 +16,7 @@ from caspian.gateway.registry import Lost, Registry
 from caspian.gateway.session import Resolver, SessionLimits, TokenCheck
 from caspian.heap import Trimmer
 from caspian.store import GatewaySync, SessionInfo, StoreError
+from caspian.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class StreamConnection(Protocol):
     def flush(self) -> None: ...
 
     def close(self, code: CloseCode, reason: str | None = None) -> None: ...
+
 
 #: Syncs this gateway's sessions with the cluster's registry: ``(opened, closed)`` -> the
 #: store's answer (``Store.sync_gateway``). Raises when the store is down.
@@ -118,8 +120,8 @@ class Gateway:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._beat(), name="caspian-heartbeat"),
-            asyncio.create_task(self._recheck(), name="caspian-recheck"),
+            spawn(self._beat(), "caspian-heartbeat"),
+            spawn(self._recheck(), "caspian-recheck"),
         ]
 
     async def _recheck(self) -> None:

@@ -37,6 +37,7 @@ from caspian.rest.errors import ApiError, error_response, json_response
 from caspian.rest.index import LINKS, index_response
 from caspian.rest.middleware import BodyLimit, InFlightLimit, Maintenance
 from caspian.store import Store, StoreUnavailable
+from caspian.tasks import failed
 from caspian.timefmt import format_us
 
 if TYPE_CHECKING:
@@ -243,7 +244,11 @@ def create_app(
 
     @app.get(LINKS["health"], include_in_schema=False)
     async def health() -> Response:
-        # Liveness only: whatever the store, the bus or the source do, the process answers.
+        # Liveness: whatever the store, the bus or the source do, the process answers;
+        # only a background task of its own that failed asks for a restart.
+        broken = failed()
+        if broken:
+            return json_response({"status": "failed", "failed": broken}, 503)
         return json_response({"status": "ok"})
 
     @app.get(LINKS["readiness"], include_in_schema=False)
