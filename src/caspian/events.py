@@ -62,6 +62,12 @@ class StatusEvent:
     state: StreamState
 
 
+def every_stream(symbol: str, ts: int, state: StreamState) -> list[Event]:
+    """``state`` for each of the symbol's streams: what a lost feed may have carried is
+    any of a book change, a quote or a trade."""
+    return [StatusEvent(symbol, ts, stream, state) for stream in Stream]
+
+
 Event = BookEvent | TradeEvent | QuoteEvent | StatusEvent
 
 

@@ -34,8 +34,8 @@ from caspian.catalog.refresh import (
     ccxt_fetcher,
     refresh_exchanges,
 )
-from caspian.codes import MAINTENANCE_REASON, CloseCode, Stream, StreamState, SymbolType
-from caspian.events import StatusEvent
+from caspian.codes import MAINTENANCE_REASON, CloseCode, StreamState, SymbolType
+from caspian.events import every_stream
 from caspian.files import private_dir
 from caspian.gateway.gateway import Gateway, StreamSettings
 from caspian.gateway.hub import Hub
@@ -382,8 +382,8 @@ class Service:
                 log.exception("the market data source failed; restarting in %.1f s", delay)
             now = now_us()
             for symbol in list(self.hub.symbols):
-                for stream in Stream:
-                    self.hub.on_event(StatusEvent(symbol, now, stream, StreamState.DISCONNECTED))
+                for event in every_stream(symbol, now, StreamState.DISCONNECTED):
+                    self.hub.on_event(event)
             if time.monotonic() - started > SOURCE_RESTART_MAX_S:
                 delay = SOURCE_RESTART_S
             await asyncio.sleep(delay)

@@ -53,7 +53,14 @@ from caspian.bus.leases import Leases
 from caspian.bus.liveness import SourceLiveness
 from caspian.bus.nats_options import redact
 from caspian.codes import Stream, StreamState
-from caspian.events import Event, EventFormatError, StatusEvent, from_dict, to_dict
+from caspian.events import (
+    Event,
+    EventFormatError,
+    StatusEvent,
+    every_stream,
+    from_dict,
+    to_dict,
+)
 from caspian.metrics import (
     BUS_PUBLISH_FAILURES,
     BUS_RECONNECTS,
@@ -271,9 +278,8 @@ class _SourceSide:
             if symbol in asked:
                 # Handed over (its lease lost): gateways following this epoch hear it
                 # at once, rather than a feed gone quiet while its source still beats.
-                ts = now_us()
-                for stream in Stream:
-                    self.publish(StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED))
+                for event in every_stream(symbol, now_us(), StreamState.DISCONNECTED):
+                    self.publish(event)
             self._watched.discard(symbol)
             self._source.unwatch(symbol)
             self._tracker.forget(symbol)
@@ -597,11 +603,8 @@ class NatsBus(Bus):
 
     def _mark_disconnected(self, symbol: str, feed: _Feed) -> None:
         """All three streams: whatever was lost may have been a book change, a quote or a trade."""
-        ts = now_us()
         feed.marked.update(Stream)
-        self._deliver_all(
-            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in Stream]
-        )
+        self._deliver_all(every_stream(symbol, now_us(), StreamState.DISCONNECTED))
 
     def _restore(self, symbol: str, feed: _Feed, events: list[Event]) -> None:
         """After a join, ``connected`` for the streams the bus marked down and the snapshot

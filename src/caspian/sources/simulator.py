@@ -41,7 +41,7 @@ from decimal import Decimal
 
 from caspian.catalog.ccxt_markets import TickRange
 from caspian.codes import Stream, StreamState
-from caspian.events import BookEvent, Event, Level, StatusEvent, TradeEvent
+from caspian.events import BookEvent, Event, Level, StatusEvent, TradeEvent, every_stream
 from caspian.sources.base import EventSink, Source
 from caspian.timefmt import now_us
 
@@ -778,7 +778,7 @@ class Simulator(Source):
         """The market closed: its streams go down for good and it is no longer ticked."""
         self.unwatch(symbol)
         _deliver(
-            [StatusEvent(symbol, ts, stream, StreamState.DISCONNECTED) for stream in _STREAMS],
+            every_stream(symbol, ts, StreamState.DISCONNECTED),
             sink,
         )
 
