@@ -24,19 +24,34 @@ def now_us() -> int:
 _seconds: dict[int, str] = {}
 #: Enough for stamps a few seconds apart; the cache is emptied when full.
 _SECONDS_KEPT = 16
+#: The text up to the millisecond of recent milliseconds: a busy feed stamps
+#: many events within one, and a format spec per call cost as much as the
+#: rest of the call.
+_millis: dict[int, str] = {}
+_MILLIS_KEPT = 4096
+_DOT_MILLIS = tuple(f".{n:03d}" for n in range(1000))
+_MICROS = tuple(f"{n:03d}" for n in range(1000))
 
 
 def format_us(us: int) -> str:
     """``1528445624653000`` -> ``"2018-06-08T08:13:44.653000"``."""
-    second, micros = divmod(us, 1_000_000)
+    millis, micros = divmod(us, 1000)
+    text = _millis.get(millis)
+    if text is None:
+        if len(_millis) >= _MILLIS_KEPT:
+            _millis.clear()
+        second, milli = divmod(millis, 1000)
+        text = _millis[millis] = _second_text(second) + _DOT_MILLIS[milli]
+    return text + _MICROS[micros]
+
+
+def _second_text(second: int) -> str:
     text = _seconds.get(second)
     if text is None:
         if len(_seconds) >= _SECONDS_KEPT:
             _seconds.clear()
-        text = _seconds[second] = (_EPOCH + timedelta(seconds=second)).strftime(
-            "%Y-%m-%dT%H:%M:%S"
-        )
-    return f"{text}.{micros:06d}"
+        text = _seconds[second] = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S")
+    return text
 
 
 def format_dt(dt: datetime) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from caspian.book import LevelChange, OrderBook
+from caspian.book import OrderBook
 from caspian.codes import MessageType, Stream, StreamState, SubscriptionType
 from caspian.events import BookEvent, Event, Level, QuoteEvent, StatusEvent, TradeEvent
 from caspian.gateway.session import Subscription
@@ -45,6 +45,11 @@ class Subscriber(Protocol):
 
     def deliver(self, prefix: bytes, tail: bytes) -> None:
         """Send ``prefix + tail`` as one message; never raises, a closed one drops it."""
+
+
+#: One level of a Level2 payload, ``{"price": …, "size": …, "side": "bid" | "ask"}``:
+#: built as the change is found, so a message needs no second pass over its levels.
+Entry = dict[str, float | str]
 
 
 def _tail(message: dict[str, Any]) -> bytes:
@@ -102,15 +107,13 @@ class SymbolState:
         self._l1_tail = (self.l1_version, tail)
         return tail
 
-    def l2_tail(self, changes: Iterable[LevelChange], ts: int | None = None) -> bytes:
+    def l2_tail(self, payload: list[Entry], ts: int | None = None) -> bytes:
         message: dict[str, Any] = {"type": _LEVEL2}
         if self.depth_exchange_ts is not None:
             message["exchangeTimestamp"] = format_us(self.depth_exchange_ts)
         message["caspianTimestamp"] = format_us(self.depth_ts or ts or now_us())
         message["depthStream"] = self.streams[_DEPTH]
-        message["payload"] = [
-            {"price": price, "size": size, "side": side} for price, size, side in changes
-        ]
+        message["payload"] = payload
         return _tail(message)
 
 
@@ -207,10 +210,14 @@ class Level2Group(_Group):
     def snapshot_tail(self) -> bytes:
         """The last sent view as one whole top-N message, for a newcomer."""
         if self._snapshot_tail is None:
-            changes: list[LevelChange] = [
-                (price, size, "bid") for price, size in sorted(self.bids.items(), reverse=True)
+            changes: list[Entry] = [
+                {"price": price, "size": size, "side": "bid"}
+                for price, size in sorted(self.bids.items(), reverse=True)
             ]
-            changes += [(price, size, "ask") for price, size in sorted(self.asks.items())]
+            changes += [
+                {"price": price, "size": size, "side": "ask"}
+                for price, size in sorted(self.asks.items())
+            ]
             self._snapshot_tail = self.state.l2_tail(changes)
         return self._snapshot_tail
 
@@ -230,7 +237,7 @@ class Level2Group(_Group):
         self.fan_out(self.state.l2_tail(changes))
         return True
 
-    def _read_top(self, whole: bool) -> list[LevelChange]:
+    def _read_top(self, whole: bool) -> list[Entry]:
         """The change from the sent view to the book's top-N, every level of it when ``whole``."""
         self._bid_changes.clear()
         self._ask_changes.clear()
@@ -243,35 +250,37 @@ class Level2Group(_Group):
 
     def send_status(self) -> None:
         """A depth status change goes out at once, with no levels."""
-        self.fan_out(self.state.l2_tail(()))
+        self.fan_out(self.state.l2_tail([]))
 
 
-def _net(sent: dict[float, float], pending: Iterable[Level], side: str) -> list[LevelChange]:
+def _net(sent: dict[float, float], pending: Iterable[Level], side: str) -> list[Entry]:
     """Applies ``pending`` (each price once) to ``sent``; the changes that made a difference."""
-    changes: list[LevelChange] = []
+    changes: list[Entry] = []
     for price, size in pending:
         if size > 0:
             if sent.get(price) != size:
                 sent[price] = size
-                changes.append((price, size, side))
+                changes.append({"price": price, "size": size, "side": side})
         elif sent.pop(price, None) is not None:
-            changes.append((price, 0.0, side))
+            changes.append({"price": price, "size": 0.0, "side": side})
     return changes
 
 
 def _replace(
     sent: dict[float, float], levels: tuple[Level, ...], side: str, whole: bool
-) -> list[LevelChange]:
+) -> list[Entry]:
     """The changes from ``sent`` to ``levels``: every level when ``whole``, else those that differ.
 
     Size 0 for each price of ``sent`` that ``levels`` lacks.
     """
     get = sent.get
-    changes: list[LevelChange] = [
-        (price, size, side) for price, size in levels if whole or get(price) != size
+    changes: list[Entry] = [
+        {"price": price, "size": size, "side": side}
+        for price, size in levels
+        if whole or get(price) != size
     ]
     kept = {price for price, _ in levels}
-    changes += [(price, 0.0, side) for price in sent if price not in kept]
+    changes += [{"price": price, "size": 0.0, "side": side} for price in sent if price not in kept]
     return changes
 
 
