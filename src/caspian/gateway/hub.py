@@ -201,8 +201,10 @@ class Level2Group(_Group):
             self.push(bids, asks)
             self.flush()
             return
-        changes = _net(self.bids, bids, "bid")
-        changes += _net(self.asks, asks, "ask")
+        # Most diffs touch one side only.
+        changes = _net(self.bids, bids, "bid") if bids else []
+        if asks:
+            changes += _net(self.asks, asks, "ask")
         if changes:
             self._snapshot_tail = None
             self.fan_out(self.state.l2_tail(changes))
