@@ -9,7 +9,7 @@ possible.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from caspian.events import Level
@@ -124,7 +124,7 @@ class OrderBook:
         _apply(self._asks, self._ask_prices, asks)
 
     def apply_diff_top(
-        self, bids: Iterable[Level], asks: Iterable[Level], depth: int
+        self, bids: Collection[Level], asks: Collection[Level], depth: int
     ) -> tuple[list[Level], list[Level]]:
         """Applies a diff; the changes it made to the best ``depth`` levels of each side.
 
@@ -133,9 +133,10 @@ class OrderBook:
         comes with size 0, a level that enters with its size. It costs a
         binary search per changed level, whatever the book's depth.
         """
+        # Many diffs touch one side only: the other costs nothing then.
         return (
-            _apply_top(self._bids, self._bid_prices, bids, depth, True),
-            _apply_top(self._asks, self._ask_prices, asks, depth, False),
+            _apply_top(self._bids, self._bid_prices, bids, depth, True) if bids else [],
+            _apply_top(self._asks, self._ask_prices, asks, depth, False) if asks else [],
         )
 
     def clear(self) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from caspian.book import BookView, OrderBook, diff_views
 from caspian.codes import Stream, StreamState
@@ -99,7 +99,7 @@ class SymbolFeed:
         self._send_top(exchange_ts)
 
     def diff(
-        self, bids: Iterable[Level], asks: Iterable[Level], exchange_ts: int | None = None
+        self, bids: Collection[Level], asks: Collection[Level], exchange_ts: int | None = None
     ) -> None:
         """Levels of the exchange's own diff (size 0 removes): the changes to the top go out."""
         bid_changes, ask_changes = self.book.apply_diff_top(bids, asks, self.depth)
@@ -176,18 +176,17 @@ class SymbolFeed:
     ) -> None:
         if not self.synced:
             return
-        if exchange_ts is not None:
-            self._lag(exchange_ts)
+        now = self._clock() if exchange_ts is None else self._lag(exchange_ts)
         if self.lagging or not (bid_changes or ask_changes):
             return
-        self._emit(
-            BookEvent(self.symbol, self._clock(), False, bid_changes, ask_changes, exchange_ts)
-        )
+        self._emit(BookEvent(self.symbol, now, False, bid_changes, ask_changes, exchange_ts))
 
-    def _lag(self, exchange_ts: int) -> None:
+    def _lag(self, exchange_ts: int) -> int:
+        """Measures the lag of a change stamped ``exchange_ts``; returns the time now."""
+        now = self._clock()
         if self._stopped:
-            return
-        delay = self._clock() - exchange_ts
+            return now
+        delay = now - exchange_ts
         if self._floor_us is None or delay < self._floor_us:
             self._floor_us = delay
         self.lag_us = lag = delay - self._floor_us
@@ -205,6 +204,9 @@ class SymbolFeed:
             self._set_streams(StreamState.DISCONNECTED)
         elif self.lagging and lag * 2 <= self._max_lag_us:
             self._catch_up(f"{lag / 1_000_000:.3f} s behind", exchange_ts)
+            # A change that follows the whole book must not be stamped before it.
+            return self._clock()
+        return now
 
     def drained(self) -> None:
         """The client has read all its connection held: a feed held back for lag is current.
