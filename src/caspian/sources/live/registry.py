@@ -142,6 +142,8 @@ EXCHANGES: tuple[Exchange, ...] = (
         # Bithumb sends its latest trade on subscribing unless asked not to.
         Adapter("bithumb", trade_params={"is_only_realtime": True}),
         checks=(_CROSSED,),
+        notes="orderbookdepth messages carry no sequence number, only a time, so a lost change "
+        "shows only if the book crosses.",
     ),
     Exchange(
         "BITMEX",
@@ -161,6 +163,9 @@ EXCHANGES: tuple[Exchange, ...] = (
         CCXT,
         Adapter("bitstamp"),
         checks=(_CROSSED,),
+        notes="diff_order_book carries no sequence number, only a microtimestamp, which ccxt "
+        "uses to drop changes older than its REST snapshot; a lost change shows only if the "
+        "book crosses.",
     ),
     Exchange(
         "BITTREX",
@@ -199,7 +204,9 @@ EXCHANGES: tuple[Exchange, ...] = (
             info_fields=("maker_order_id", "taker_order_id", "sequence"),
         ),
         checks=(_CROSSED,),
-        notes="level2_batch (the public channel) and heartbeats.",
+        notes="level2_batch (the public channel) and heartbeats. Its snapshot and l2update "
+        "messages carry no sequence number (only the full channel's do), so a lost change "
+        "shows only if the book crosses.",
     ),
     Exchange(
         "COINONE",
@@ -209,8 +216,10 @@ EXCHANGES: tuple[Exchange, ...] = (
         CCXT,
         Adapter("coinone", prepare=coinone_taker_side),
         checks=(_CROSSED,),
-        notes="ORDERBOOK sends the whole top of the book on every change; ccxt's reading of "
-        "is_seller_maker is turned around (a resting seller means a buying taker).",
+        notes="ORDERBOOK sends the whole top of the book on every change, so a message lost "
+        "is repaired by the next (its id only grows, and one TCP connection cannot reorder "
+        "them); ccxt's reading of is_seller_maker is turned around (a resting seller means a "
+        "buying taker).",
     ),
     Exchange(
         "DERIBIT",
@@ -233,7 +242,9 @@ EXCHANGES: tuple[Exchange, ...] = (
         CCXT,
         Adapter("gemini", prepare=gemini_without_history),
         checks=(_CROSSED,),
-        notes="Market data v2 l2 subscription; the trades replayed on subscribing are dropped.",
+        notes="Market data v2 l2 subscription; the trades replayed on subscribing are dropped. "
+        "v2's l2_updates carry no sequence number (v1's socket_sequence is gone), so a lost "
+        "change shows only if the book crosses.",
     ),
     Exchange(
         "HITBTC",
