@@ -167,6 +167,31 @@ def test_a_feed_behind_the_bound_is_disconnected_then_sent_whole_when_caught_up(
     assert isinstance(client.events[-1], TradeEvent)
 
 
+class TickingClock(Clock):
+    """Every reading a microsecond after the last, as a real clock between two reads."""
+
+    def __call__(self) -> int:
+        self.now += 1
+        return self.now
+
+
+def test_events_are_never_stamped_before_the_ones_sent_ahead_of_them() -> None:
+    # A change is stamped with the lag check's reading of the clock; when that
+    # check sends the whole book first, the change must not carry an earlier time.
+    clock = TickingClock()
+    client = Client()
+    feed = SymbolFeed("BINANCE", SYMBOL, client, depth=5, max_lag_s=2.0, clock=clock)
+    feed.snapshot(BIDS, ASKS, clock.now)
+    feed.diff([(100.0, 2.0)], [], clock.now)
+    feed.diff([(99.0, 3.0)], [], clock.now - 2_500_000)
+    assert not client.up()
+    feed.diff([(98.0, 4.0)], [], clock.now)
+    assert client.up()
+    stamps = [event.ts for event in client.events]
+    assert stamps == sorted(stamps)
+    assert isinstance(client.events[-1], BookEvent) and not client.events[-1].snapshot
+
+
 def test_a_drained_connection_brings_a_lagging_feed_back_whole() -> None:
     feed, client, clock = make(max_lag_s=2.0)
     feed.snapshot(BIDS, ASKS)
