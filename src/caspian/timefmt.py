@@ -31,8 +31,7 @@ _SECONDS_KEPT = 16
 #: the allocator's pools and raised the soak's memory floor.
 _millis: dict[int, str] = {}
 _MILLIS_KEPT = 64
-_DOT_MILLIS = tuple(f".{n:03d}" for n in range(1000))
-_MICROS = tuple(f"{n:03d}" for n in range(1000))
+_DIGITS3 = tuple(f"{n:03d}" for n in range(1000))
 
 
 def format_us(us: int) -> str:
@@ -43,8 +42,8 @@ def format_us(us: int) -> str:
         if len(_millis) >= _MILLIS_KEPT:
             _millis.clear()
         second, milli = divmod(millis, 1000)
-        text = _millis[millis] = _second_text(second) + _DOT_MILLIS[milli]
-    return text + _MICROS[micros]
+        text = _millis[millis] = f"{_second_text(second)}.{_DIGITS3[milli]}"
+    return text + _DIGITS3[micros]
 
 
 def _second_text(second: int) -> str:
