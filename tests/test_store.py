@@ -604,6 +604,35 @@ async def test_sqlite_file_is_shared_by_concurrent_writers(tmp_path: Path) -> No
         await second.close()
 
 
+async def test_a_servers_token_checks_see_another_processs_changes_at_once(
+    tmp_path: Path,
+) -> None:
+    """A server's token checks on a SQLite file read on a connection of their own, in a
+    thread: what the CLI writes (ending a token, disabling a user, revoking a key or an
+    exchange) must count from the next check, with no snapshot of an earlier read kept."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'caspian.db'}"
+    server, cli = Store(url), Store(url)
+    try:
+        await server.upgrade()
+        await server.prepare()
+        key, _ = await cli.create_key("zoe")
+        assert await server.token_standing("t1", KEY, key.key_id) == (False, Principal("zoe", None))
+        await cli.end_token("t1", datetime(2100, 1, 1))
+        assert await server.token_standing("t1", KEY, key.key_id) == (True, None)
+        await cli.revoke("zoe", None)
+        await cli.grant("zoe", "GEMINI")
+        assert await server.principal(USER, "zoe") == Principal("zoe", frozenset({"GEMINI"}))
+        await cli.set_disabled("zoe", True)
+        found = await server.principal(USER, "zoe")
+        assert found is not None and found.disabled
+        await cli.revoke_key(key.key_id)
+        assert await server.token_standing("t2", KEY, key.key_id) == (False, None)
+    finally:
+        await server.close()
+        await cli.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("caspian-store-reads")]
+
+
 async def test_sqlite_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "file").touch()
     for path in (tmp_path, tmp_path / "file" / "caspian.db"):
@@ -675,6 +704,8 @@ async def test_an_in_memory_store_has_no_pool_to_fill() -> None:
         await store.upgrade()
         await store.prepare()
         assert await store.list_exchanges() == []
+        await store.create_user("ann", None)
+        assert await store.token_standing("t", USER, "ann") == (False, Principal("ann", None))
     finally:
         await store.close()
 

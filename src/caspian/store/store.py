@@ -6,27 +6,32 @@ database comes out of a ``Store`` method as ``StoreUnavailable``, and the store 
 help to recover: PostgreSQL connections are pinged before use, so those the database
 dropped are replaced once it is back. The store keeps ``POOL_SIZE`` connections, opened at
 start by ``prepare``: its descriptors and threads stay fixed, however many requests come.
+On a SQLite file, the reads behind every token check have one more connection, and a
+thread, of their own (``Store._read``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
 import string
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import delete, event, exists, insert, select
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy import bindparam, create_engine, delete, event, exists, insert, select
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -82,6 +87,8 @@ _SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: argon2 check.
 POOL_SIZE = 5
 _POOL_TIMEOUT_S = 10.0
+
+_T = TypeVar("_T")
 
 #: Execution option marking a session that will write (SQLite takes its write lock up front).
 _WRITE = "caspian_write"
@@ -317,26 +324,40 @@ async def _entitled(session: AsyncSession, user_id: int) -> list[str]:
     return list(codes)
 
 
-async def _principal(session: AsyncSession, kind: str, subject: str) -> Principal | None:
-    if kind == KEY:
-        user: User | None = await session.scalar(
-            select(User)
-            .join(ApiKey, ApiKey.user_id == User.id)
-            .where(ApiKey.key_id == subject, ApiKey.revoked.is_(False))
-        )
-    elif kind == USER:
-        user = await _find_user(session, subject)
-    else:
+# Built once: a statement made per call cost more than running it (0.5 ms a token check).
+_PRINCIPAL_COLUMNS = (User.id, User.name, User.disabled, User.tokens_not_before, User.all_exchanges)
+_PRINCIPALS = {
+    KEY: select(*_PRINCIPAL_COLUMNS)
+    .join(ApiKey, ApiKey.user_id == User.id)
+    .where(ApiKey.key_id == bindparam("subject"), ApiKey.revoked.is_(False)),
+    USER: select(*_PRINCIPAL_COLUMNS).where(User.name == bindparam("subject")),
+}
+_ENTITLED = select(Entitlement.exchange_code).where(Entitlement.user_id == bindparam("user_id"))
+_ENDED = select(exists().where(EndedToken.token_id == bindparam("token_id")))
+
+
+def _principal(connection: Connection, kind: str, subject: str) -> Principal | None:
+    query = _PRINCIPALS.get(kind)
+    if query is None:
         raise ValueError(f"unknown principal kind {kind!r}")
-    if user is None:
+    row = connection.execute(query, {"subject": subject}).first()
+    if row is None:
         return None
-    exchanges = None if user.all_exchanges else frozenset(await _entitled(session, user.id))
+    user_id, name, disabled, not_before, all_exchanges = row
+    exchanges = None
+    if not all_exchanges:
+        exchanges = frozenset(connection.scalars(_ENTITLED, {"user_id": user_id}))
     return Principal(
-        user=user.name,
-        exchanges=exchanges,
-        disabled=user.disabled,
-        tokens_not_before=user.tokens_not_before,
+        user=name, exchanges=exchanges, disabled=disabled, tokens_not_before=not_before
     )
+
+
+def _token_standing(
+    connection: Connection, token_id: str, kind: str, subject: str
+) -> tuple[bool, Principal | None]:
+    if connection.scalar(_ENDED, {"token_id": token_id}):
+        return True, None
+    return False, _principal(connection, kind, subject)
 
 
 class Store:
@@ -378,6 +399,16 @@ class Store:
         if self._is_sqlite:
             event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
             event.listen(self._engine.sync_engine, "begin", _on_sqlite_begin)
+        #: File SQLite only: the thread and engine of :meth:`_read` (see there).
+        self._read_thread: ThreadPoolExecutor | None = None
+        self._read_engine: Engine | None = None
+        if self._is_sqlite and _pooled(self._url):
+            self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="caspian-store-reads")
+            self._read_engine = create_engine(
+                self._url.set(drivername="sqlite"), pool_size=1, max_overflow=0
+            )
+            event.listen(self._read_engine, "connect", _on_sqlite_connect)
+            event.listen(self._read_engine, "begin", _on_sqlite_begin)
         self._reader = async_sessionmaker(self._engine, expire_on_commit=False)
         self._writer = async_sessionmaker(
             self._engine, expire_on_commit=False, execution_options={_WRITE: True}
@@ -393,6 +424,26 @@ class Store:
         maker = self._writer if write else self._reader
         async with _availability(), maker() as session, session.begin():
             yield session
+
+    async def _read(self, read: Callable[[Connection], _T]) -> _T:
+        """``read(connection)`` in one transaction that only reads.
+
+        On a SQLite file it runs whole in one thread of the store's, on a connection of
+        its own: aiosqlite hands every cursor, fetch and commit to its thread and back
+        (13 trips for a token check, 2.7 ms of CPU on this machine), where this makes
+        one (0.5 ms). Elsewhere it runs on a connection of the async engine.
+        """
+        async with _availability():
+            if self._read_thread is not None:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._read_thread, self._read_now, read)
+            async with self._engine.connect() as connection:
+                return await connection.run_sync(read)
+
+    def _read_now(self, read: Callable[[Connection], _T]) -> _T:
+        assert self._read_engine is not None
+        with self._read_engine.connect() as connection:
+            return read(connection)
 
     async def upgrade(self) -> None:
         """Bring the schema to the latest migration; does nothing if it is there already.
@@ -416,6 +467,7 @@ class Store:
         await self._hashers.start_processes()
         if not _pooled(self._url):
             return
+        await self._read(lambda _connection: None)
         async with _availability(), contextlib.AsyncExitStack() as held:
             for _ in range(POOL_SIZE):
                 await held.enter_async_context(self._engine.connect())
@@ -423,6 +475,10 @@ class Store:
     async def close(self) -> None:
         await self._hashers.close()
         await self._engine.dispose()
+        if self._read_thread is not None and self._read_engine is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._read_thread, self._read_engine.dispose)
+            self._read_thread.shutdown()
 
     # Users
 
@@ -616,8 +672,7 @@ class Store:
 
         A disabled user is still found, marked so, for the caller to say why it refuses.
         """
-        async with self._session() as session:
-            return await _principal(session, kind, subject)
+        return await self._read(partial(_principal, kind=kind, subject=subject))
 
     # Tokens ended with their stream session
 
@@ -640,10 +695,9 @@ class Store:
         One transaction for both: every stream connect and REST call asks,
         and under connection churn these lookups were half the event loop's work.
         """
-        async with self._session() as session:
-            if await session.scalar(select(exists().where(EndedToken.token_id == token_id))):
-                return True, None
-            return False, await _principal(session, kind, subject)
+        return await self._read(
+            partial(_token_standing, token_id=token_id, kind=kind, subject=subject)
+        )
 
     # Registry of open stream sessions
 
