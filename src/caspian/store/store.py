@@ -268,6 +268,16 @@ def _on_sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _hook_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+
+
+def _read_on(engine: Engine, read: Callable[[Connection], _T]) -> _T:
+    with engine.connect() as connection:
+        return read(connection)
+
+
 def _migrate(connection: Connection) -> bool:
     """Upgrade to the latest migration; whether the store had no schema before (new)."""
     new = MigrationContext.configure(connection).get_current_revision() is None
@@ -397,18 +407,13 @@ class Store:
                 f"invalid database URL (want sqlite+aiosqlite:// or postgresql+asyncpg://): {exc}"
             ) from None
         if self._is_sqlite:
-            event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
-            event.listen(self._engine.sync_engine, "begin", _on_sqlite_begin)
+            _hook_sqlite(self._engine.sync_engine)
         #: File SQLite only: the thread and engine of :meth:`_read` (see there).
-        self._read_thread: ThreadPoolExecutor | None = None
-        self._read_engine: Engine | None = None
+        self._reads: tuple[ThreadPoolExecutor, Engine] | None = None
         if self._is_sqlite and _pooled(self._url):
-            self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="caspian-store-reads")
-            self._read_engine = create_engine(
-                self._url.set(drivername="sqlite"), pool_size=1, max_overflow=0
-            )
-            event.listen(self._read_engine, "connect", _on_sqlite_connect)
-            event.listen(self._read_engine, "begin", _on_sqlite_begin)
+            engine = create_engine(self._url.set(drivername="sqlite"), pool_size=1, max_overflow=0)
+            _hook_sqlite(engine)
+            self._reads = (ThreadPoolExecutor(1, thread_name_prefix="caspian-store-reads"), engine)
         self._reader = async_sessionmaker(self._engine, expire_on_commit=False)
         self._writer = async_sessionmaker(
             self._engine, expire_on_commit=False, execution_options={_WRITE: True}
@@ -434,16 +439,12 @@ class Store:
         one (0.5 ms). Elsewhere it runs on a connection of the async engine.
         """
         async with _availability():
-            if self._read_thread is not None:
+            if self._reads is not None:
+                thread, engine = self._reads
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._read_thread, self._read_now, read)
+                return await loop.run_in_executor(thread, _read_on, engine, read)
             async with self._engine.connect() as connection:
                 return await connection.run_sync(read)
-
-    def _read_now(self, read: Callable[[Connection], _T]) -> _T:
-        assert self._read_engine is not None
-        with self._read_engine.connect() as connection:
-            return read(connection)
 
     async def upgrade(self) -> None:
         """Bring the schema to the latest migration; does nothing if it is there already.
@@ -475,10 +476,10 @@ class Store:
     async def close(self) -> None:
         await self._hashers.close()
         await self._engine.dispose()
-        if self._read_thread is not None and self._read_engine is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._read_thread, self._read_engine.dispose)
-            self._read_thread.shutdown()
+        if self._reads is not None:
+            thread, engine = self._reads
+            await asyncio.get_running_loop().run_in_executor(thread, engine.dispose)
+            thread.shutdown()
 
     # Users
 
