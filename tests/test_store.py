@@ -635,13 +635,20 @@ async def test_a_servers_token_checks_see_another_processs_changes_at_once(
 
 async def test_sqlite_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "file").touch()
-    for path in (tmp_path, tmp_path / "file" / "caspian.db"):
+    (tmp_path / "garbage.db").write_bytes(b"not a database, " * 512)
+    for path in (tmp_path, tmp_path / "file" / "caspian.db", tmp_path / "garbage.db"):
         store = Store(f"sqlite+aiosqlite:///{path}")
         try:
             with pytest.raises(StoreUnavailable):
                 await store.upgrade()
             with pytest.raises(StoreUnavailable):
                 await store.list_exchanges()
+            # The token checks' reads take a path of their own (Store._read, on a thread
+            # of the store's): their failures must come out the same way.
+            with pytest.raises(StoreUnavailable):
+                await store.token_standing("t", USER, "ann")
+            with pytest.raises(StoreUnavailable):
+                await store.principal(KEY, "k")
         finally:
             await store.close()
     # After a failed connect aiosqlite stops its worker thread without waiting for it; the
