@@ -9,23 +9,44 @@ of every symbol, applies every message, and measures the latency of each
 update (``caspianTimestamp`` to the kernel's receive time, and to the read)
 and the longest gap between two updates of a subscription.
 
-Two runs of the same length follow each other on that server: a quiet one,
-then one with abuse mixed in, from other loopback addresses (127.0.0.2 and
-up, so that the per-address limits meet the attackers, not the owner):
-subscribe/unsubscribe churn, reconnect churn, slow clients that stop reading,
-floods of TokenRefresh and of bad messages, connections reset during their
-token check, idle and slowloris TCP connections, oversized request heads,
-REST requests reset halfway through their body, and bursts of parallel wrong
+Two runs of the same length share that server: a quiet one, and one with
+abuse mixed in, from other loopback addresses (127.0.0.2 and up, so that the
+per-address limits meet the attackers, not the owner): subscribe/unsubscribe
+churn, reconnect churn, slow clients that stop reading, floods of
+TokenRefresh and of bad messages, connections reset during their token
+check, idle and slowloris TCP connections, oversized request heads, REST
+requests reset halfway through their body, and bursts of parallel wrong
 secrets for the owner's key, who meanwhile logs in every few seconds from
-its own address. After the abuse stops and a short settle, the figures are
-taken again.
+its own address. The runs are split into ``--rounds`` windows of
+``--seconds / --rounds`` (3 by default), taken alternately: quiet 1, abuse 1,
+quiet 2, abuse 2, and so on, so that the machine's other tenants weigh on
+both runs alike (on a shared VM they move the quiet p99 tenfold from one run
+to the next). Each abuse window starts the attacks afresh; after it stops
+and a short settle, its end figures are taken. ``--rounds 1`` is one quiet
+run, then one abuse run. With the slow attack a window is at least
+``MIN_WINDOW_S`` (40 s): its clients read nothing for ``SLOW_STALL_S`` (35 s)
+before they look whether the server cut them, so a shorter window would
+cancel them before any outcome is known.
 
 Per run: the server's RSS at the start and end and its least-squares slope,
 open descriptors (and those on ``caspian.db``), threads and asyncio tasks
 (``caspian_asyncio_tasks`` from ``/metrics``) at the start and end, the
 well-behaved clients' p99 latency and longest gap, whether their Level2 books
-equal a fresh subscriber's at the end, their unexpected closes, and what the
-server refused or closed, from ``/metrics``.
+equal a fresh subscriber's at the end of each window, their unexpected
+closes, and what the server refused or closed, from ``/metrics``. A run's
+figures pool its windows: latencies and delays together, counts, CPU, log
+and ``/metrics`` growth summed, longest gaps and peaks over all of them;
+start figures are its first window's, end figures its last window's. The
+leak check thus compares the end of the last quiet window with the end of
+the last abuse window and its settle: from two rounds on both come after
+abuse, so what abuse makes once and keeps (pools, lazily loaded code) is in
+both, and what one more abuse window left behind shows. The RSS slopes
+are over one continuous series: for the quiet run its first window, the
+baseline before any abuse, shown for reference; for the abuse run, the whole
+soak, from the start of the first quiet window to the end of the last abuse
+window. The flat-memory target is judged on the latter: memory must not grow
+across the soak as a whole, and one window's 20 s floors are too few for a
+slope to mean much.
 """
 
 from __future__ import annotations
@@ -51,12 +72,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
@@ -100,6 +121,11 @@ ATTACKS = [
 ]
 #: How long a slow client reads nothing before it looks whether it was cut.
 SLOW_STALL_S = 35.0
+#: How long a slow client then waits for more before it calls itself still open.
+SLOW_READ_S = 5.0
+#: The shortest abuse window with the slow attack: a slow client's outcome is
+#: known only after its stall and look, and a window's end cancels it.
+MIN_WINDOW_S = SLOW_STALL_S + SLOW_READ_S
 #: Targets of the issue.
 TARGET_P99_RATIO = 2.0
 #: "Flat" memory: the least-squares slope of the RSS floor over a run (the
@@ -301,6 +327,22 @@ class WatchStats:
     unexpected: Counter[str] = field(default_factory=Counter)
     #: Answers other than SubscribeResponse 200, and messages of other types.
     other: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def pooled(cls, parts: list[WatchStats]) -> WatchStats:
+        """What the clients saw in all of ``parts``, as if in one window."""
+        max_gap_us: dict[str, int] = {}
+        for part in parts:
+            for kind, gap in part.max_gap_us.items():
+                max_gap_us[kind] = max(max_gap_us.get(kind, 0), gap)
+        return cls(
+            arrival_us=[value for part in parts for value in part.arrival_us],
+            read_us=[value for part in parts for value in part.read_us],
+            max_gap_us=max_gap_us,
+            updates=Counter(summed(part.updates for part in parts)),
+            unexpected=Counter(summed(part.unexpected for part in parts)),
+            other=Counter(summed(part.other for part in parts)),
+        )
 
 
 Book = dict[tuple[str, float], float]
@@ -822,7 +864,7 @@ class Abuse:
             await asyncio.sleep(SLOW_STALL_S)
             while True:
                 try:
-                    events = await asyncio.wait_for(client.receive(), 5.0)
+                    events = await asyncio.wait_for(client.receive(), SLOW_READ_S)
                 except TimeoutError:
                     self.tally.add("slow", f"still open after {SLOW_STALL_S:g} s")
                     return
@@ -1012,6 +1054,8 @@ class Run:
     start: Sample
     end: Sample
     samples: list[Sample]
+    #: The samples the RSS slopes are taken over: a window's own; see ``pool``.
+    series: list[Sample]
     tasks_start: float
     tasks_end: float
     stats: WatchStats
@@ -1023,16 +1067,19 @@ class Run:
     busy_s: float
     log_bytes: int
     seconds: float
+    #: Monotonic seconds: when the (first) window began, the (last) one ended (not its settle).
+    began: float
+    ended: float
     abuse: dict[str, Counter[str]] = field(default_factory=dict)
     delays: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def slope(self) -> float:
-        return slope_mb_per_min(self.samples)
+        return slope_mb_per_min(self.series)
 
     @property
     def floor_slope(self) -> float:
-        return slope_mb_per_min(self.samples, FLOOR_WINDOW_S)
+        return slope_mb_per_min(self.series, FLOOR_WINDOW_S)
 
     def p99_ms(self, kind: str = "arrival") -> float:
         values = self.stats.arrival_us if kind == "arrival" else self.stats.read_us
@@ -1063,6 +1110,18 @@ class Pipe:
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
+
+
+Number = TypeVar("Number", int, float)
+
+
+def summed(parts: Iterable[Mapping[str, Number]]) -> dict[str, Number]:
+    """The counts of ``parts`` added up by name; unlike ``Counter``'s ``+``, zeros stay."""
+    total: dict[str, Number] = {}
+    for part in parts:
+        for name, value in part.items():
+            total[name] = total.get(name, 0) + value
+    return total
 
 
 def growth(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
@@ -1111,11 +1170,13 @@ def measure(
     books: dict[str, int] = watchers.ask("check")
     after = read_metrics(server.rest_url)
     end = sample(server.pid)
+    samples = sampler.between(began, ended)
     run = Run(
         name=name,
         start=start,
         end=end,
-        samples=sampler.between(began, ended),
+        samples=samples,
+        series=samples,
         tasks_start=before.get("caspian_asyncio_tasks{}", float("nan")),
         tasks_end=after.get("caspian_asyncio_tasks{}", float("nan")),
         stats=stats,
@@ -1130,6 +1191,8 @@ def measure(
         busy_s=busy,
         log_bytes=stderr.stat().st_size - log_start,
         seconds=ended - began,
+        began=began,
+        ended=ended,
         abuse=abuse_counts,
         delays=delays,
     )
@@ -1142,17 +1205,62 @@ def measure(
     return run
 
 
+def pool(name: str, windows: list[Run], series: list[Sample]) -> Run:
+    """One run out of its windows: what they saw taken together, the first one's
+    start figures, the last one's end figures, and RSS slopes over ``series``."""
+    first, last = windows[0], windows[-1]
+    abuse: dict[str, Counter[str]] = {}
+    delays: dict[str, list[float]] = {}
+    for window in windows:
+        for attack, outcomes in window.abuse.items():
+            abuse.setdefault(attack, Counter()).update(outcomes)
+        for attack, values in window.delays.items():
+            delays.setdefault(attack, []).extend(values)
+    return Run(
+        name=name,
+        start=first.start,
+        end=last.end,
+        samples=[item for window in windows for item in window.samples],
+        series=series,
+        tasks_start=first.tasks_start,
+        tasks_end=last.tasks_end,
+        stats=WatchStats.pooled([window.stats for window in windows]),
+        books=summed(window.books for window in windows),
+        metrics=summed(window.metrics for window in windows),
+        owner_logins=Counter(summed(window.owner_logins for window in windows)),
+        cpu_s=sum(window.cpu_s for window in windows),
+        busy_s=sum(window.busy_s for window in windows),
+        log_bytes=sum(window.log_bytes for window in windows),
+        seconds=sum(window.seconds for window in windows),
+        began=first.began,
+        ended=last.ended,
+        abuse=abuse,
+        delays=delays,
+    )
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(args: argparse.Namespace, quiet: Run, abusive: Run, clients: int) -> None:
+def report(
+    args: argparse.Namespace,
+    quiet: Run,
+    abusive: Run,
+    rounds: list[tuple[Run, Run]],
+    clients: int,
+) -> None:
     print()
     print(f"Soak benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}")
     print(
         f"{clients} well-behaved clients, each Level2 ({LEVELS} levels, conflation None) and "
-        f"Level1 of {args.symbols}; runs of {args.seconds:g} s; settle {args.settle:g} s "
-        f"after the abuse"
+        f"Level1 of {args.symbols}; runs of {args.seconds:g} s, each in {len(rounds)} "
+        f"window(s) of {args.seconds / len(rounds):g} s, taken alternately quiet and abuse; "
+        f"settle {args.settle:g} s after each abuse window"
+    )
+    print(
+        "A column pools its run's windows; its start figures are its first window's, its end "
+        "figures its last window's (abuse: after the settle)."
     )
     print()
     print("| measure | quiet | abuse | abuse/quiet |")
@@ -1170,9 +1278,10 @@ def report(args: argparse.Namespace, quiet: Run, abusive: Run, clients: int) -> 
         f"{quiet.start.rss_mb:.1f} → {quiet.end.rss_mb:.1f}",
         f"{abusive.start.rss_mb:.1f} → {abusive.end.rss_mb:.1f}",
     )
-    row("RSS slope, whole run (MB/min)", quiet.slope, abusive.slope, "+.2f")
+    series = "quiet: its first window; abuse: the whole soak, quiet windows included"
+    row(f"RSS slope (MB/min; {series})", quiet.slope, abusive.slope, "+.2f")
     row(
-        f"RSS floor slope ({FLOOR_WINDOW_S:g} s minima, MB/min)",
+        f"RSS floor slope ({FLOOR_WINDOW_S:g} s minima, MB/min; {series})",
         quiet.floor_slope,
         abusive.floor_slope,
         "+.2f",
@@ -1294,15 +1403,21 @@ def report(args: argparse.Namespace, quiet: Run, abusive: Run, clients: int) -> 
         run.stats.unexpected.total() + run.books["differ"] + run.books["unchecked"]
         for run in (quiet, abusive)
     )
+    print("Per round, latency p99 to arrival (the targets take the windows pooled):")
+    for number, (quiet_window, abuse_window) in enumerate(rounds, 1):
+        mine, theirs = quiet_window.p99_ms(), abuse_window.p99_ms()
+        print(f"- round {number}: quiet {mine:.2f} ms, abuse {theirs:.2f} ms, {theirs / mine:.2f}x")
+    print()
     print("Targets:")
     print(
-        f"- flat memory (RSS floor slope under {TARGET_SLOPE_MB_PER_MIN:g} MB/min in both "
-        f"runs): {verdict(max(quiet.floor_slope, abusive.floor_slope) < TARGET_SLOPE_MB_PER_MIN)}"
-        f" ({quiet.floor_slope:+.2f}, {abusive.floor_slope:+.2f})"
+        f"- flat memory (RSS floor slope over the whole soak under "
+        f"{TARGET_SLOPE_MB_PER_MIN:g} MB/min): "
+        f"{verdict(abusive.floor_slope < TARGET_SLOPE_MB_PER_MIN)} ({abusive.floor_slope:+.2f}; "
+        f"the first quiet window alone {quiet.floor_slope:+.2f})"
     )
     print(
-        "- no leaked handle or task (fds, caspian.db fds, threads, tasks after the abuse and "
-        f"settle no more than after the quiet run): {verdict(not leaks)}"
+        "- no leaked handle or task (fds, caspian.db fds, threads, tasks after the last abuse "
+        f"window and its settle no more than after the last quiet window): {verdict(not leaks)}"
         + (f" ({', '.join(f'{w} {a:.0f} → {b:.0f}' for w, a, b in leaks)})" if leaks else "")
     )
     print(
@@ -1375,7 +1490,7 @@ def run(args: argparse.Namespace) -> None:
             attacker_token=attacker_token,
             owner_key_id=owner["accessKeyID"],
             symbols=abuse_symbols,
-            seconds=args.seconds,
+            seconds=args.seconds / args.rounds,
             scale=args.scale,
             attacks=tuple(args.attacks.split(",")),
         )
@@ -1392,12 +1507,32 @@ def run(args: argparse.Namespace) -> None:
             time.sleep(args.settle)
         time.sleep(args.warmup)
         logins = OwnerLogins(server.rest_url, owner)
-        quiet = measure("quiet", server, sampler, watchers, logins, args.seconds, stderr)
-        abuse = Pipe(_abuse_main, abuse_place, plan)
-        abusive = measure(
-            "abuse", server, sampler, watchers, logins, args.seconds, stderr, abuse, args.settle
+        rounds: list[tuple[Run, Run]] = []
+        for number in range(1, args.rounds + 1):
+            quiet = measure(
+                f"quiet {number}", server, sampler, watchers, logins, plan.seconds, stderr
+            )
+            abuse = Pipe(_abuse_main, abuse_place, plan)
+            abusive = measure(
+                f"abuse {number}",
+                server,
+                sampler,
+                watchers,
+                logins,
+                plan.seconds,
+                stderr,
+                abuse,
+                args.settle,
+            )
+            rounds.append((quiet, abusive))
+        quiets, abuses = [one for one, _ in rounds], [two for _, two in rounds]
+        report(
+            args,
+            pool("quiet", quiets, quiets[0].series),
+            pool("abuse", abuses, sampler.between(quiets[0].began, abuses[-1].ended)),
+            rounds,
+            args.clients,
         )
-        report(args, quiet, abusive, args.clients)
     finally:
         if logins is not None:
             logins.stop()
@@ -1415,12 +1550,29 @@ def run(args: argparse.Namespace) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=180.0, help="length of each run")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=180.0,
+        help="length of each run, quiet and abuse, split into --rounds windows",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="windows per run, taken alternately: quiet 1, abuse 1, quiet 2, ... (1: one quiet "
+        f"run, then one abuse run); with the slow attack each window (--seconds / --rounds) is at "
+        f"least {MIN_WINDOW_S:g} s, as its clients stall {SLOW_STALL_S:g} s before they look "
+        "whether they were cut",
+    )
     parser.add_argument("--clients", type=int, default=8, help="well-behaved clients")
     parser.add_argument("--symbols", default=SYMBOLS, help="the well-behaved clients' symbols")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument(
-        "--settle", type=float, default=10.0, help="wait after the abuse before the end figures"
+        "--settle",
+        type=float,
+        default=10.0,
+        help="wait after each abuse window before its end figures",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the abuse rates")
     parser.add_argument(
@@ -1430,12 +1582,23 @@ def parse_args() -> argparse.Namespace:
         "--abuse-warmup",
         type=float,
         default=20.0,
-        help="seconds of abuse before the quiet run, so that its figures are warm (0: none)",
+        help="seconds of abuse before the first quiet window, to warm its figures (0: none)",
     )
     parser.add_argument("--no-pin", action="store_true", help="let the OS place the processes")
     parser.add_argument("--nice", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    window = args.seconds / args.rounds
+    if "slow" in args.attacks.split(",") and window < MIN_WINDOW_S:
+        parser.error(
+            f"windows of {window:g} s (--seconds {args.seconds:g} / --rounds {args.rounds}) are "
+            f"too short for the slow attack: its clients stall {SLOW_STALL_S:g} s, then read up "
+            f"to {SLOW_READ_S:g} s before their outcome is known, so a window needs at least "
+            f"{MIN_WINDOW_S:g} s; use a larger --seconds, fewer --rounds, or --attacks without slow"
+        )
+    return args
 
 
 if __name__ == "__main__":
