@@ -42,11 +42,13 @@ the last abuse window and its settle: from two rounds on both come after
 abuse, so what abuse makes once and keeps (pools, lazily loaded code) is in
 both, and what one more abuse window left behind shows. The RSS slopes
 are over one continuous series: for the quiet run its first window, the
-baseline before any abuse, shown for reference; for the abuse run, the whole
-soak, from the start of the first quiet window to the end of the last abuse
-window. The flat-memory target is judged on the latter: memory must not grow
-across the soak as a whole, and one window's 20 s floors are too few for a
-slope to mean much.
+baseline before any abuse, shown for reference; for the abuse run, from the
+start of its first window to the end of its last, the quiet windows between
+included. The flat-memory target is judged on the latter: memory must not
+grow across the soak as a whole, and one window's 20 s floors are too few
+for a slope to mean much. That series starts and ends under abuse: one that
+began with the quiet baseline and ended under abuse would slope upwards by
+the abuse's transient buffers alone.
 """
 
 from __future__ import annotations
@@ -1278,7 +1280,7 @@ def report(
         f"{quiet.start.rss_mb:.1f} → {quiet.end.rss_mb:.1f}",
         f"{abusive.start.rss_mb:.1f} → {abusive.end.rss_mb:.1f}",
     )
-    series = "quiet: its first window; abuse: the whole soak, quiet windows included"
+    series = "quiet: its first window; abuse: its first window's start to its last's end"
     row(f"RSS slope (MB/min; {series})", quiet.slope, abusive.slope, "+.2f")
     row(
         f"RSS floor slope ({FLOOR_WINDOW_S:g} s minima, MB/min; {series})",
@@ -1410,7 +1412,7 @@ def report(
     print()
     print("Targets:")
     print(
-        f"- flat memory (RSS floor slope over the whole soak under "
+        f"- flat memory (RSS floor slope from the first abuse window to the last under "
         f"{TARGET_SLOPE_MB_PER_MIN:g} MB/min): "
         f"{verdict(abusive.floor_slope < TARGET_SLOPE_MB_PER_MIN)} ({abusive.floor_slope:+.2f}; "
         f"the first quiet window alone {quiet.floor_slope:+.2f})"
@@ -1529,7 +1531,7 @@ def run(args: argparse.Namespace) -> None:
         report(
             args,
             pool("quiet", quiets, quiets[0].series),
-            pool("abuse", abuses, sampler.between(quiets[0].began, abuses[-1].ended)),
+            pool("abuse", abuses, sampler.between(abuses[0].began, abuses[-1].ended)),
             rounds,
             args.clients,
         )
