@@ -9,13 +9,9 @@ process: each slow client raised the RSS floor for good.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from typing import Any, cast
 
-import pytest
-
-from caspian.cli import run_loop
 from caspian.codes import SymbolType
 from caspian.gateway.connection import StreamConnection
 from caspian.gateway.gateway import Gateway, StreamSettings
@@ -36,9 +32,6 @@ class Transport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 50000) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
 
     def close(self) -> None:
         pass
@@ -179,26 +172,3 @@ async def test_the_byte_bound_closes_with_3007_and_drops_the_backlog() -> None:
     assert not made._backlog
     assert made.gateway.trimmer.freed_total > 10_000
     await asyncio.sleep(0)
-
-
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_a_flushed_update_is_on_the_socket_before_the_loop_turns(loop: str) -> None:
-    """uvloop keeps a write below the transport's high-water mark until every I/O
-    callback of the loop's turn has run (MagicStack/uvloop#631): a client's updates then
-    waited for every other connection's reads. A flush must reach the socket at once."""
-    received: list[bytes] = []
-
-    async def main() -> None:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            made = connection()
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: made, ours)
-            made.deliver(b"", b'{"type":"Level2"}')
-            made.flush()
-            theirs.setblocking(False)
-            received.append(theirs.recv(1024))
-            assert made._transport is not None
-            made._transport.abort()
-
-    run_loop(loop, main())
-    assert received == [b"\x81\x11" + b'{"type":"Level2"}']

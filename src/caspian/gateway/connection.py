@@ -141,12 +141,6 @@ class StreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do the job without subclassing asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
-        # uvloop (0.22) holds a write below the high-water mark until the loop has run
-        # every I/O callback of its turn (MagicStack/uvloop#631): with hundreds of
-        # connections busy, updates waited for all of them. Without a high-water mark
-        # each write goes to the socket at once, and what the socket cannot take pauses
-        # the connection, whose bounded backlog then holds the rest.
-        self._transport.set_write_buffer_limits(high=0)
         if self._uvicorn_connections is not None:
             self._uvicorn_connections.add(self)
 
