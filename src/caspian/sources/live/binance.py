@@ -14,8 +14,9 @@ with reason ``sequence``; the connection and the other symbols go on.
 
 Each event's levels go to the symbol's :class:`SymbolFeed` as the diff they
 are, which sends on only what changed in the top levels, and its event time
-``E`` measures the lag. The reader yields to the event loop every few
-messages, so a burst on the connection cannot hold the loop.
+``E`` measures the lag. Messages are handled as their bytes arrive
+(:mod:`caspian.sources.live.wsclient`), at most 32 in one event-loop turn, so
+a burst on the connection cannot hold the loop.
 
 Binance's dated futures and perpetual swaps (USDⓈ-M and COIN-M, other
 hosts) stay on ccxt.pro (:mod:`caspian.sources.live.ccxt_pro`).
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -39,6 +41,7 @@ import orjson
 
 from caspian.events import Level
 from caspian.sources.integrity import IntegrityError
+from caspian.sources.live import wsclient
 from caspian.sources.live.adapter import Adapter
 from caspian.sources.live.feed import SymbolFeed
 from caspian.sources.live.source import DRAINED_S, Backoff, merged, watchdog
@@ -71,8 +74,8 @@ _SNAPSHOTS_AT_ONCE = 4
 #: Diff events a symbol keeps while its snapshot is on its way: memory stays
 #: bounded when the REST API is slow or down.
 _MAX_BUFFERED = 10_000
-#: Messages read before yielding to the event loop.
-_YIELD_EVERY = 32
+#: Messages handled in one event-loop turn: a burst cannot hold the loop.
+_BATCH = 32
 
 #: Binance's derivatives through ccxt.pro, which checks their update ids.
 DERIVATIVES = Adapter("binance", book_limit=1000, checksum_reason="sequence")
@@ -245,12 +248,13 @@ class _SpotConnection:
         self.symbols: dict[str, _Symbol] = {}
         self._by_code: dict[str, _Symbol] = {}
         self._control: asyncio.Queue[tuple[str, tuple[str, ...]]] = asyncio.Queue()
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: wsclient.WebSocket | None = None
         self._last_message = 0.0
         self._connected_at: float | None = None
         #: Whether the last event read was within the lag bound.
         self._current = True
         self._last_complaint = 0.0
+        self._loop_time: Callable[[], float] = time.monotonic
 
     def add(self, symbol: _Symbol) -> None:
         self.symbols[symbol.market_id] = symbol
@@ -300,41 +304,38 @@ class _SpotConnection:
         """Streams until the connection fails, which it raises."""
         # Whatever was queued for the last connection is in the full subscribe below.
         self._control = asyncio.Queue()
-        async with self._client.http.ws_connect(
-            self._client.ws_url,
-            # Binance pings every 20 s and wants the pong; Caspian sends no pings of its own.
-            autoping=True,
-            max_msg_size=2**24,
-            timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
-        ) as ws:
-            self._ws = ws
-            self._connected_at = asyncio.get_running_loop().time()
-            tasks = [
-                asyncio.create_task(self._read(ws)),
-                asyncio.create_task(self._send_control(ws)),
-            ]
-            self._last_message = asyncio.get_running_loop().time()
-            tasks.append(
-                asyncio.create_task(watchdog(self._source, lambda: self._last_message, self._tick))
-            )
-            try:
-                streams = tuple(s for symbol in self.symbols.values() for s in symbol.streams)
-                if streams:
-                    self._control.put_nowait(("SUBSCRIBE", streams))
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            finally:
-                self._ws = None
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                for symbol in self.symbols.values():
-                    if symbol.snapshot_task is not None:
-                        symbol.snapshot_task.cancel()
-                        symbol.snapshot_task = None
+        loop = asyncio.get_running_loop()
+        self._loop_time = loop.time
+        # Binance pings every 20 s and wants the pong, which the client sends.
+        ws = await wsclient.connect(
+            self._client.ws_url, self._message, max_size=2**24, batch=_BATCH
+        )
+        self._ws = ws
+        self._connected_at = self._last_message = loop.time()
+        tasks: list[asyncio.Future[None]] = [
+            ws.closed,
+            asyncio.create_task(self._send_control(ws)),
+            asyncio.create_task(watchdog(self._source, lambda: self._last_message, self._tick)),
+        ]
+        try:
+            streams = tuple(s for symbol in self.symbols.values() for s in symbol.streams)
+            if streams:
+                self._control.put_nowait(("SUBSCRIBE", streams))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            self._ws = None
+            for task in tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*tasks[1:], return_exceptions=True)
+            await ws.close()
+            for symbol in self.symbols.values():
+                if symbol.snapshot_task is not None:
+                    symbol.snapshot_task.cancel()
+                    symbol.snapshot_task = None
 
-    async def _send_control(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _send_control(self, ws: wsclient.WebSocket) -> None:
         ids = 0
         while True:
             method, streams = await self._control.get()
@@ -343,7 +344,7 @@ class _SpotConnection:
                 params = list(streams[start : start + _STREAMS_PER_REQUEST])
                 # A text frame, as Binance's API is documented with.
                 request = {"method": method, "params": params, "id": ids}
-                await ws.send_str(orjson.dumps(request).decode())
+                ws.send_text(orjson.dumps(request).decode())
                 if method == "SUBSCRIBE":
                     self._sync_all(params)
                 await asyncio.sleep(_CONTROL_GAP_S)
@@ -358,32 +359,22 @@ class _SpotConnection:
             if symbol is not None:
                 self._resync(symbol)
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        loop = asyncio.get_running_loop()
-        symbols = self.symbols
-        count = 0
-        async for message in ws:
-            self._last_message = loop.time()
-            raw = message.data
-            if message.type is aiohttp.WSMsgType.ERROR:
-                raise ConnectionError(f"Binance's connection failed: {raw!r}")
-            try:
-                event = _EVENTS.decode(raw)
-            except msgspec.ValidationError as exc:
-                self._other(raw, exc)
-            except msgspec.DecodeError as exc:
-                self._malformed(raw, exc, None)
-            else:
-                symbol = symbols.get(event.market_id)
-                if symbol is not None:
-                    if isinstance(event, _Diff):
-                        self._depth(symbol, event)
-                    else:
-                        self._trade(symbol, event)
-            count += 1
-            if count % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        raise ConnectionError("Binance closed the connection")
+    def _message(self, raw: bytes) -> None:
+        """One message from the connection, as its bytes arrive."""
+        self._last_message = self._loop_time()
+        try:
+            event = _EVENTS.decode(raw)
+        except msgspec.ValidationError as exc:
+            self._other(raw, exc)
+        except msgspec.DecodeError as exc:
+            self._malformed(raw, exc, None)
+        else:
+            symbol = self.symbols.get(event.market_id)
+            if symbol is not None:
+                if isinstance(event, _Diff):
+                    self._depth(symbol, event)
+                else:
+                    self._trade(symbol, event)
 
     def _other(self, raw: str | bytes, exc: msgspec.ValidationError) -> None:
         """Anything but a well-formed event: an answer to a request, or a broken event."""
