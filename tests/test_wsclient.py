@@ -122,6 +122,13 @@ async def ended(socket: wsclient.WebSocket) -> BaseException:
     return exc
 
 
+async def until_it_ends(url: str) -> tuple[list[bytes], BaseException]:
+    """What a connection to ``url`` received, and why it ended."""
+    received = Received()
+    socket = await wsclient.connect(url, received, max_size=2**20)
+    return received.messages, await ended(socket)
+
+
 def test_messages_of_every_length_arrive_whole_and_in_order(run: Runner) -> None:
     sizes = [0, 10, 125, 126, 200, 65535, 65536, 70_000]
     payloads = [os.urandom(size // 2).hex().encode() + b"x" * (size % 2) for size in sizes]
@@ -165,11 +172,9 @@ def test_a_ping_is_answered_and_a_close_frame_ends_the_connection(run: Runner) -
             await connection.close(1001, "going away")
             codes.append(connection.close_code)
 
-        received = Received()
         async with library_server(handler) as url:
-            socket = await wsclient.connect(url, received, max_size=2**20)
-            exc = await ended(socket)
-        assert received.messages == [b"after the ping"]
+            messages, exc = await until_it_ends(url)
+        assert messages == [b"after the ping"]
         assert isinstance(exc, ConnectionError)
         assert "1001" in str(exc) and "going away" in str(exc)
         # The client answered the close frame, so the server's closing handshake completed.
@@ -186,11 +191,9 @@ def test_a_connection_cut_ends_it(run: Runner) -> None:
             await writer.drain()
             writer.transport.abort()
 
-        received = Received()
         async with raw_server(script) as url:
-            socket = await wsclient.connect(url, received, max_size=2**20)
-            exc = await ended(socket)
-        assert received.messages == [b"one"]
+            messages, exc = await until_it_ends(url)
+        assert messages == [b"one"]
         assert isinstance(exc, ConnectionError)
 
     run(main())

@@ -183,7 +183,8 @@ class WebSocket(asyncio.Protocol):
         if end < 0:
             if len(head) > _MAX_HEAD:
                 self._refuse("a handshake answer longer than 16 KiB")
-            self._head = head
+            else:
+                self._head = head
             return b""
         self._head = b""
         lines = head[:end].decode("latin-1").split("\r\n")
