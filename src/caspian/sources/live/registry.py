@@ -102,8 +102,10 @@ EXCHANGES: tuple[Exchange, ...] = (
         "binance",
         checks=("update-id chain U/u against the REST snapshot (Caspian)", _CROSSED),
         notes="Spot: diff depth @100ms after a REST snapshot, one connection for up to 512 "
-        "watched symbols (Binance's 1,024 streams), subscribed and unsubscribed on the fly. "
-        "Futures and perpetuals: ccxt.pro, which checks their update ids.",
+        "watched symbols (Binance's 1,024 streams), subscribed and unsubscribed on the fly, "
+        "read by Caspian's own WebSocket client (`caspian.sources.live.wsclient`: each message "
+        "handled as its bytes arrive, at most 32 an event-loop turn, reading paused while more "
+        "wait). Futures and perpetuals: ccxt.pro, which checks their update ids.",
     ),
     Exchange(
         "BITFINEX",
