@@ -15,8 +15,8 @@ with reason ``sequence``; the connection and the other symbols go on.
 Each event's levels go to the symbol's :class:`SymbolFeed` as the diff they
 are, which sends on only what changed in the top levels, and its event time
 ``E`` measures the lag. Messages are handled as their bytes arrive
-(:mod:`caspian.sources.live.wsclient`), at most 32 in one event-loop turn, so
-a burst on the connection cannot hold the loop.
+(:mod:`caspian.sources.live.wsclient`), at most ``wsclient.BATCH`` (32) in
+one event-loop turn, so a burst on the connection cannot hold the loop.
 
 Binance's dated futures and perpetual swaps (USDⓈ-M and COIN-M, other
 hosts) stay on ccxt.pro (:mod:`caspian.sources.live.ccxt_pro`).
@@ -74,8 +74,6 @@ _SNAPSHOTS_AT_ONCE = 4
 #: Diff events a symbol keeps while its snapshot is on its way: memory stays
 #: bounded when the REST API is slow or down.
 _MAX_BUFFERED = 10_000
-#: Messages handled in one event-loop turn: a burst cannot hold the loop.
-_BATCH = 32
 
 #: Binance's derivatives through ccxt.pro, which checks their update ids.
 DERIVATIVES = Adapter("binance", book_limit=1000, checksum_reason="sequence")
@@ -307,9 +305,7 @@ class _SpotConnection:
         loop = asyncio.get_running_loop()
         self._loop_time = loop.time
         # Binance pings every 20 s and wants the pong, which the client sends.
-        ws = await wsclient.connect(
-            self._client.ws_url, self._message, max_size=2**24, batch=_BATCH
-        )
+        ws = await wsclient.connect(self._client.ws_url, self._message, max_size=2**24)
         self._ws = ws
         self._connected_at = self._last_message = loop.time()
         tasks: list[asyncio.Future[None]] = [

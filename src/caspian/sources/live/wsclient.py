@@ -27,6 +27,7 @@ raised).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from typing import cast
@@ -35,6 +36,8 @@ from urllib.parse import urlsplit
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.utils import accept_key, generate_key
 
+#: Messages handled in one event-loop turn, unless ``connect`` is told otherwise.
+BATCH = 32
 #: How long the closing handshake may take before the socket is cut.
 CLOSE_TIMEOUT_S = 1.0
 #: Longest response head accepted in the handshake.
@@ -116,10 +119,6 @@ class WebSocket(asyncio.Protocol):
         self._pos = 0
         self._handle()
 
-    def eof_received(self) -> bool | None:
-        # The server ends the connection: let the transport close, which ends it here.
-        return None
-
     # -- the client's side ---------------------------------------------------------
 
     def send_text(self, text: str) -> None:
@@ -128,8 +127,7 @@ class WebSocket(asyncio.Protocol):
 
     async def close(self) -> None:
         """The closing handshake, cut after :data:`CLOSE_TIMEOUT_S`."""
-        transport = self._transport
-        if transport is None:
+        if self._transport is None:
             return
         self._end(ConnectionError("closed by this side"))
         self._send_close(CloseCode.NORMAL_CLOSURE, "")
@@ -270,13 +268,10 @@ class WebSocket(asyncio.Protocol):
                 if end > size:
                     break
                 pos = end
-                if first == 0x81 or first == 0x82:
-                    if self._fragments:
-                        raise ProtocolError("a new message inside a fragmented one")
-                    handled += 1
+                handled += 1
+                if (first == 0x81 or first == 0x82) and not self._fragments:
                     on_message(data[start:end])
                 else:
-                    handled += 1
                     self._frame(first, data[start:end])
                     if self.closed.done():
                         return False
@@ -332,12 +327,18 @@ class WebSocket(asyncio.Protocol):
         self._send_close(close.code if close is not None else CloseCode.NORMAL_CLOSURE, "")
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One context for every connection: loading the system's CA certificates is slow."""
+    return ssl.create_default_context()
+
+
 async def connect(
     url: str,
     on_message: Callable[[bytes], None],
     *,
     max_size: int,
-    batch: int = 32,
+    batch: int = BATCH,
     open_timeout: float = 10.0,
 ) -> WebSocket:
     """Opens ``url`` (``ws://`` or ``wss://``); each message's payload then goes to
@@ -367,7 +368,7 @@ async def connect(
         return WebSocket(request, key, on_message, max_size, batch)
 
     async def opening() -> WebSocket:
-        context = ssl.create_default_context() if secure else None
+        context = _tls_context() if secure else None
         _, made = await loop.create_connection(
             protocol,
             hostname,
