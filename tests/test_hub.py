@@ -14,6 +14,7 @@ from caspian.codes import Stream, StreamState, SubscriptionType
 from caspian.events import BookEvent, QuoteEvent, StatusEvent, TradeEvent
 from caspian.gateway.hub import Hub
 from caspian.gateway.session import Subscription
+from caspian.sources.live.feed import SymbolFeed
 from tests.test_session import GEMINI
 
 SYMBOL = GEMINI.caspian_code
@@ -149,6 +150,123 @@ def test_level2_invariant_holds_for_every_client(
                 assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
 
     asyncio.run(run())
+
+
+class PublishingSource:
+    """One symbol's live feed in the hub's process, publishing the top the hub asks for."""
+
+    def __init__(self, depth: int) -> None:
+        self.hub = Hub(lambda _: None, lambda _: None, 0, self.publish_depth)
+        self.feed = SymbolFeed(
+            "GEMINI", SYMBOL, self.hub.on_event, depth=depth, max_lag_s=60.0, clock=self.clock
+        )
+        self.asked: list[int] = []
+        self.now = 0
+
+    def clock(self) -> int:
+        self.now += 1
+        return self.now
+
+    def publish_depth(self, symbol: str, depth: int) -> bool:
+        assert symbol == SYMBOL
+        self.asked.append(depth)
+        self.feed.publish(depth)
+        return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=events,
+    levels=st.lists(
+        st.tuples(st.integers(1, 12), st.sampled_from(["None", "None", "1s"])),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_a_source_publishing_the_hubs_top_gives_every_client_the_exchanges_top(
+    events: list[tuple[str, list[tuple[float, float]], list[tuple[float, float]]]],
+    levels: list[tuple[int, str]],
+) -> None:
+    """With the source ranking the top the hub serves, and no ranking in the hub, each
+    client holds its top N of the source's whole book, whoever joins or leaves."""
+
+    async def run() -> None:
+        source = PublishingSource(depth=12)
+        hub, feed = source.hub, source.feed
+        clients: list[tuple[Recorder, int, Subscription]] = []
+        for index, (n, conflation) in enumerate(levels):
+            recorder = Recorder()
+            subscription = level2(n, conflation, request_id=f"r{index}")
+            hub.add(subscription, recorder)
+            clients.append((recorder, n, subscription))
+        state = hub.symbols[SYMBOL]
+        assert state.exact
+        for ts, (kind, bids, asks) in enumerate(events):
+            bids = [(p, s) for p, s in bids if p < 30]
+            asks = [(p + 30, s) for p, s in asks]
+            if kind == "diff":
+                feed.diff(bids, asks)
+            elif kind == "snapshot":
+                feed.snapshot(bids, asks)
+            elif kind == "down":
+                feed.down("test", "gone")
+            elif kind == "join":
+                recorder = Recorder()
+                n, conflation = levels[ts % len(levels)]
+                subscription = level2(n, conflation, request_id=f"late{ts}")
+                hub.add(subscription, recorder)
+                clients.append((recorder, n, subscription))
+            elif kind == "leave" and len(clients) > 1:
+                leaving = clients.pop(ts % len(clients))
+                hub.remove(leaving[2])
+            elif kind == "tick":
+                tick_all(hub)
+            assert source.asked[-1] == state.depth == max(n for _, n, _ in clients)
+            if state.book_ready:
+                for recorder, n, subscription in clients:
+                    if subscription.interval is None:
+                        assert client_book(recorder.messages) == expected(feed.book, n)
+        tick_all(hub)
+        for recorder, n, _ in clients:
+            if state.book_ready:
+                assert client_book(recorder.messages) == expected(feed.book, n)
+            for message in recorder.messages:
+                assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
+        feed.stop()
+
+    asyncio.run(run())
+
+
+async def test_a_deeper_subscription_reads_the_deeper_top_and_disturbs_no_one() -> None:
+    source = PublishingSource(depth=10)
+    first = Recorder()
+    source.hub.add(level2(2), first)
+    assert source.asked == [1, 2]
+    bids = [(float(100 - i), 1.0) for i in range(8)]
+    source.feed.snapshot(bids, [(101.0, 1.0)])
+    state = source.hub.symbols[SYMBOL]
+    assert state.book.top(10).bids == tuple(bids[:2]), "the hub holds the top it serves"
+    sent = len(first.messages)
+    late = Recorder()
+    deeper = level2(5, request_id="late")
+    source.hub.add(deeper, late)
+    assert source.asked[-1] == 5
+    assert len(first.messages) == sent, "the same book, deeper: nothing to tell the others"
+    assert client_book(late.messages) == expected(source.feed.book, 5)
+    source.feed.diff([(100.0, 0.0)], [])
+    for recorder, n in ((first, 2), (late, 5)):
+        assert client_book(recorder.messages) == expected(source.feed.book, n)
+    source.hub.remove(deeper)
+    assert source.asked[-1] == 2
+    assert state.book.top(10).bids == ((99.0, 1.0), (98.0, 1.0)), "cut back to the top served"
+    # Below the top served the source's changes no longer come; levels kept from
+    # the deeper top would surface stale once the ones above them go.
+    source.feed.diff([(96.0, 0.0), (99.0, 0.0), (98.0, 0.0)], [])
+    newcomer = Recorder()
+    source.hub.add(level2(2, "1s", request_id="new"), newcomer)
+    assert client_book(newcomer.messages) == expected(source.feed.book, 2)
+    assert client_book(first.messages) == expected(source.feed.book, 2)
+    source.feed.stop()
 
 
 async def test_first_level2_message_is_whole_top_n_and_newcomers_get_it() -> None:

@@ -206,3 +206,54 @@ def test_a_drained_connection_brings_a_lagging_feed_back_whole() -> None:
     snapshot = client.events[mark]
     assert isinstance(snapshot, BookEvent) and snapshot.snapshot
     assert client.up() and client.book.top(5) == feed.book.top(5)
+
+
+def test_a_shallower_published_top_sends_its_changes_only() -> None:
+    feed, client, _ = make(depth=5)
+    feed.publish(2)
+    feed.snapshot(BIDS, ASKS)
+    first = client.events[0]
+    assert isinstance(first, BookEvent) and (first.bids, first.asks) == (BIDS[:2], ASKS[:2])
+    mark = len(client.events)
+    feed.diff([(97.0, 3.0)], [])
+    assert len(client.events) == mark, "a change below the published top is not sent"
+    feed.diff([(100.0, 0.0)], [])
+    change = client.events[-1]
+    assert isinstance(change, BookEvent) and not change.snapshot
+    assert change.bids == [(100.0, 0.0), (98.0, 1.0)], "the level entering the top comes too"
+    assert client.book.top(5) == feed.book.top(2)
+
+
+def test_a_deeper_published_top_goes_out_whole_at_once() -> None:
+    feed, client, _ = make(depth=5)
+    feed.publish(2)
+    feed.snapshot(BIDS, ASKS)
+    mark = len(client.events)
+    feed.publish(4)
+    assert len(client.events) == mark + 1
+    deeper = client.events[-1]
+    assert isinstance(deeper, BookEvent) and deeper.snapshot
+    assert (deeper.bids, deeper.asks) == (BIDS[:4], ASKS[:4])
+    assert client.up(), "the same book, deeper: the streams stay connected"
+    feed.publish(9)
+    assert feed.published == 5, "never deeper than the book kept"
+    whole = client.events[-1]
+    assert isinstance(whole, BookEvent) and whole.bids == BIDS[:5]
+    mark = len(client.events)
+    feed.publish(3)
+    assert len(client.events) == mark, "a shallower top needs no snapshot"
+
+
+def test_a_deeper_top_waits_for_the_next_book_while_none_is_served() -> None:
+    feed, client, _ = make(depth=5)
+    feed.publish(1)
+    feed.publish(3)
+    assert client.events == [], "no book yet"
+    feed.snapshot(BIDS, ASKS)
+    feed.down("test", "gone")
+    mark = len(client.events)
+    feed.publish(5)
+    assert len(client.events) == mark, "a book not trusted is not sent"
+    feed.snapshot(BIDS, ASKS)
+    snapshot = client.events[mark]
+    assert isinstance(snapshot, BookEvent) and snapshot.bids == BIDS[:5]

@@ -213,7 +213,9 @@ class Service:
         # since or not. Every other source, and a gateway fed over NATS, streams today.
         self._serves_today = not isinstance(self.source, ReplaySource)
         self.bus = make_bus(settings, self.source)
-        self.hub = Hub(self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s)
+        self.hub = Hub(
+            self.bus.watch, self.bus.unwatch, settings.unwatch_grace_s, self.bus.publish_depth
+        )
         self.bus.handler = self.hub.on_event
         #: This process in the cluster's session registry.
         self.gateway_info = GatewayInfo(

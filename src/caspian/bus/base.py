@@ -34,6 +34,13 @@ class Bus(ABC):
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
 
+    def publish_depth(self, symbol: str, depth: int) -> bool:
+        """Asks the source for the changes to the top ``depth`` of ``symbol`` only
+        (:meth:`caspian.sources.base.Source.publish_depth`); False when it will not
+        be asked, as across processes, where every gateway takes the source's
+        whole top and ranks it for its own clients."""
+        return False
+
     def source_heard(self) -> bool:
         """Whether a source is there to feed this bus (readiness): always, in-process."""
         return True

@@ -28,3 +28,6 @@ class MemoryBus(Bus):
 
     def unwatch(self, symbol: str) -> None:
         self._source.unwatch(symbol)
+
+    def publish_depth(self, symbol: str, depth: int) -> bool:
+        return self._source.publish_depth(symbol, depth)

@@ -85,9 +85,16 @@ class SymbolState:
         #: The deepest top-N subscribed, at least 1 so that changes to the
         #: best levels (Level1) are known too.
         self.depth = 1
+        #: Whether the source's book events carry exactly the changes to the
+        #: top ``depth`` (Source.publish_depth), the book then holding that top
+        #: only; otherwise they carry a deeper top's, which the hub ranks.
+        self.exact = False
+        #: Set while the source is asked for a deeper top: the snapshot of it
+        #: that comes meanwhile is the same book, deeper.
+        self.deepening = False
 
-    def level2_changed(self) -> None:
-        self.depth = max((group.levels for group in self.level2.values()), default=1)
+    def deepest(self) -> int:
+        return max((group.levels for group in self.level2.values()), default=1)
 
     def empty(self) -> bool:
         return not self.level2 and not self.level1
@@ -308,9 +315,13 @@ class Hub:
         watch: Callable[[str], None],
         unwatch: Callable[[str], None],
         unwatch_grace_s: float = 30.0,
+        publish_depth: Callable[[str, int], bool] | None = None,
     ) -> None:
+        """``publish_depth`` asks the source for a symbol's top at the depth the
+        hub serves (Source.publish_depth); without it the hub ranks every top itself."""
         self._watch = watch
         self._unwatch = unwatch
+        self._publish_depth = publish_depth
         self._grace_s = unwatch_grace_s
         self.symbols: dict[str, SymbolState] = {}
         self._releases: dict[str, asyncio.TimerHandle] = {}
@@ -326,6 +337,7 @@ class Hub:
         if state is None:
             state = self.symbols[symbol] = SymbolState(symbol)
             self._watch(symbol)
+            self._serve_depth(state, state.depth)
         release = self._releases.pop(symbol, None)
         if release is not None:
             release.cancel()
@@ -334,10 +346,12 @@ class Hub:
             key = (subscription.levels, subscription.conflation)
             group2 = state.level2.get(key)
             if group2 is None:
+                if subscription.levels > state.depth:
+                    # Before the group takes its first view of the book.
+                    self._serve_depth(state, subscription.levels)
                 group2 = state.level2[key] = Level2Group(
                     state, subscription.levels, subscription.interval
                 )
-                state.level2_changed()
             group2.add(subscription, subscriber)
             subscriber.deliver(subscription.prefix, group2.snapshot_tail())
         else:
@@ -363,7 +377,8 @@ class Hub:
             if group2.remove(subscription):
                 group2.closed = True
                 del state.level2[key2]
-                state.level2_changed()
+                if (depth := state.deepest()) != state.depth:
+                    self._serve_depth(state, depth)
         else:
             group1 = state.level1.get(subscription.conflation)
             if group1 is None or subscription not in group1.members:
@@ -378,6 +393,22 @@ class Hub:
             else:
                 loop = asyncio.get_running_loop()
                 self._releases[symbol] = loop.call_later(self._grace_s, self._release, symbol)
+
+    def _serve_depth(self, state: SymbolState, depth: int) -> None:
+        """The top ``depth`` of the symbol's book is what its clients need from now on."""
+        deeper = depth > state.depth
+        state.depth = depth
+        if self._publish_depth is None:
+            return
+        state.deepening = deeper
+        try:
+            state.exact = self._publish_depth(state.symbol, depth)
+        finally:
+            state.deepening = False
+        if state.exact:
+            # Levels below the top get no more changes: they must not linger,
+            # to surface in it when a level above them goes.
+            state.book.truncate(depth)
 
     def _release(self, symbol: str) -> None:
         self._releases.pop(symbol, None)
@@ -419,11 +450,19 @@ class Hub:
         asks: list[Level] = []
         if event.snapshot:
             book.apply_snapshot(event.bids, event.asks)
+            if state.deepening and state.book_ready:
+                # Every change to the shallower top was applied already: what
+                # the clients hold is right, only new groups read the deeper book.
+                return
             state.book_ready = True
-        elif state.book_ready:
-            bids, asks = book.apply_diff_top(event.bids, event.asks, state.depth)
-        else:
+        elif not state.book_ready:
             return
+        elif state.exact:
+            bids = event.bids
+            asks = event.asks
+            book.apply_diff(bids, asks)
+        else:
+            bids, asks = book.apply_diff_top(event.bids, event.asks, state.depth)
         state.depth_ts = event.ts
         state.depth_exchange_ts = event.exchange_ts
         status_changed = self._set_stream(state, _DEPTH, _CONNECTED)

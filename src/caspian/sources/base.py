@@ -27,6 +27,19 @@ class Source(ABC):
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
 
+    def publish_depth(self, symbol: str, depth: int) -> bool:
+        """Asks for the changes to the top ``depth`` levels of ``symbol``'s book only.
+
+        True when the source does it: every book event of ``symbol`` after
+        this call then carries exactly those changes (a snapshot: that top),
+        until the next call; and when ``depth`` is deeper than before and the
+        symbol's book is served, its new top went out as a snapshot during
+        the call. False (the default) when its book events stay as they are.
+        A gateway in the same process asks, so that it need not rank the
+        levels again itself.
+        """
+        return False
+
     def unserved(self, symbol: str) -> str | None:
         """Why this source will never have events of ``symbol``; None when it may.
 

@@ -4,8 +4,9 @@ Every client of an exchange, ccxt's or Caspian's own, hands its symbol's
 book changes, trades and failures to a :class:`SymbolFeed`, which turns
 them into normalized events by one set of rules:
 
-- a book goes out as a snapshot of its top ``depth`` levels, then the three
-  streams ``connected``, then only the changes to that top;
+- a book goes out as a snapshot of its top ``published`` levels (``depth``
+  unless a gateway asked for fewer, :meth:`SymbolFeed.publish`), then the
+  three streams ``connected``, then only the changes to that top;
 - a crossed book is never sent: :meth:`SymbolFeed.snapshot`,
   :meth:`SymbolFeed.diff` and :meth:`SymbolFeed.view` raise
   :class:`IntegrityError` (``crossed``) instead, for the client to resync;
@@ -61,6 +62,9 @@ class SymbolFeed:
         self.exchange = exchange
         self.symbol = symbol
         self.depth = depth
+        #: The top whose changes go out: a gateway in this process that serves
+        #: fewer levels asks for its own, so that it need not rank them again.
+        self.published = depth
         self._sink = sink
         self._clock = clock
         self._max_lag_us = int(max_lag_s * 1_000_000)
@@ -102,7 +106,7 @@ class SymbolFeed:
         self, bids: Collection[Level], asks: Collection[Level], exchange_ts: int | None = None
     ) -> None:
         """Levels of the exchange's own diff (size 0 removes): the changes to the top go out."""
-        bid_changes, ask_changes = self.book.apply_diff_top(bids, asks, self.depth)
+        bid_changes, ask_changes = self.book.apply_diff_top(bids, asks, self.published)
         self._refuse_crossed()
         self._changed(bid_changes, ask_changes, exchange_ts)
 
@@ -113,9 +117,11 @@ class SymbolFeed:
             if exchange_ts is not None:
                 self._lag(exchange_ts)
             return
-        bid_changes = [(price, size) for price, size, side in changes if side == "bid"]
-        ask_changes = [(price, size) for price, size, side in changes if side == "ask"]
-        self.book.apply_diff(bid_changes, ask_changes)
+        bid_changes, ask_changes = self.book.apply_diff_top(
+            [(price, size) for price, size, side in changes if side == "bid"],
+            [(price, size) for price, size, side in changes if side == "ask"],
+            self.published,
+        )
         self._refuse_crossed()
         self._changed(bid_changes, ask_changes, exchange_ts)
 
@@ -148,6 +154,19 @@ class SymbolFeed:
         self.lagging = False
         self.book.clear()
         self._set_streams(StreamState.DISCONNECTED)
+
+    def publish(self, depth: int) -> None:
+        """From now on the changes to the top ``depth`` (at most ``depth``) go out.
+
+        A deeper top than before goes out whole at once, as a snapshot, when
+        there is a current book to take it from; otherwise the next snapshot,
+        which a book not served as ``connected`` waits for anyway, has it.
+        """
+        depth = min(depth, self.depth)
+        deeper = depth > self.published
+        self.published = depth
+        if deeper and self.synced and self.up and not self._stopped:
+            self._send_top(None)
 
     def reconnecting(self) -> None:
         """Counts a new upstream attempt after a failure, successful or not."""
@@ -228,7 +247,7 @@ class SymbolFeed:
     def _send_top(self, exchange_ts: int | None) -> None:
         if self.lagging:
             return
-        top = self.book.top(self.depth)
+        top = self.book.top(self.published)
         self._emit(
             BookEvent(self.symbol, self._clock(), True, list(top.bids), list(top.asks), exchange_ts)
         )

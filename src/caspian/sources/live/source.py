@@ -84,6 +84,8 @@ class LiveSource(Source):
         self._sink: EventSink | None = None
         self._watched: dict[str, ProductSpec] = {}
         self._feeds: dict[str, SymbolFeed] = {}
+        #: Watched symbols whose gateway asked for a shallower top than ``depth``.
+        self._published: dict[str, int] = {}
         self._clients: dict[str, tuple[ExchangeClient, asyncio.Task[None]]] = {}
 
     @property
@@ -103,6 +105,15 @@ class LiveSource(Source):
         if self._sink is not None:
             self._start(spec, self._sink)
 
+    def publish_depth(self, symbol: str, depth: int) -> bool:
+        if symbol not in self._watched:
+            return False
+        self._published[symbol] = depth
+        feed = self._feeds.get(symbol)
+        if feed is not None:
+            feed.publish(depth)
+        return True
+
     def unserved(self, symbol: str) -> str | None:
         exchange = symbol.rpartition("=")[2]
         if exchange in self.exchanges:
@@ -113,6 +124,7 @@ class LiveSource(Source):
         spec = self._watched.pop(symbol, None)
         if spec is None:
             return
+        self._published.pop(symbol, None)
         feed = self._feeds.pop(symbol, None)
         if feed is not None:
             feed.stop()
@@ -139,6 +151,7 @@ class LiveSource(Source):
         feed = SymbolFeed(
             spec.exchange, spec.caspian_code, sink, depth=self.depth, max_lag_s=self.max_lag_s
         )
+        feed.publish(self._published.get(spec.caspian_code, self.depth))
         self._feeds[spec.caspian_code] = feed
         running = self._clients.get(spec.exchange)
         if running is None:
