@@ -257,3 +257,17 @@ def test_a_deeper_top_waits_for_the_next_book_while_none_is_served() -> None:
     feed.snapshot(BIDS, ASKS)
     snapshot = client.events[mark]
     assert isinstance(snapshot, BookEvent) and snapshot.bids == BIDS[:5]
+
+
+def test_a_library_kept_top_sends_the_changes_to_the_published_top_only() -> None:
+    feed, client, _ = make(depth=3)
+    feed.publish(1)
+    feed.snapshot(BIDS[:3], ASKS[:3])
+    mark = len(client.events)
+    feed.view(BookView(((100.0, 1.0), (99.0, 4.0), (97.5, 1.0)), tuple(ASKS[:3])))
+    assert client.events[mark:] == [], "nothing changed at the best levels"
+    feed.view(BookView(((99.0, 4.0), (97.5, 1.0)), tuple(ASKS[:3])))
+    (diff,) = client.events[mark:]
+    assert isinstance(diff, BookEvent)
+    assert diff.bids == [(100.0, 0.0), (99.0, 4.0)] and diff.asks == []
+    assert client.book.top(3) == feed.book.top(1)

@@ -111,7 +111,8 @@ class SymbolFeed:
         self._changed(bid_changes, ask_changes, exchange_ts)
 
     def view(self, view: BookView, exchange_ts: int | None = None) -> None:
-        """The top ``depth`` levels as a client library keeps them: their changes go out."""
+        """The top ``depth`` levels as a client library keeps them: the changes to the
+        published top go out."""
         changes = diff_views(self.book.top(self.depth), view)
         if not changes:
             if exchange_ts is not None:
