@@ -29,10 +29,11 @@ bytes arrive: against aiohttp's client (1.8 µs a message, 5 for
 message and 25 µs a wake-up. It decodes events
 with msgspec straight into typed structs (1.2 µs against 4 for ``orjson``
 and converting each level in Python). bench/bench_live.py measures it
-against cryptofeed: the live source alone spends about half of cryptofeed's
-CPU per event at 10k events/s and takes more events a second; the whole
-service (source, gateway and a Level2 subscriber) 0.93 to 1.16 times its
-CPU per event (six runs, 2026-12-03) and saturates at a higher rate
+against cryptofeed: the live source alone spends half to two thirds of
+cryptofeed's CPU per event at 10k events/s and takes more events a second;
+the whole service (source, gateway and a Level2 subscriber) 0.96 to 1.06
+times its CPU per event (five runs, 2026-12-03, the same user CPU and more
+system CPU, for writing to its client) and saturates at a higher rate
 (bench/README.md). ccxt remains the source of reference data for all of
 them.
 
