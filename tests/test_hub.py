@@ -84,70 +84,86 @@ def tick_all(hub: Hub) -> None:
         hub._tick(interval)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    events=events,
-    levels=st.lists(
-        st.tuples(st.integers(1, 12), st.sampled_from(["None", "None", "1s"])),
-        min_size=1,
-        max_size=4,
-    ),
+group_levels = st.lists(
+    st.tuples(st.integers(1, 12), st.sampled_from(["None", "None", "1s"])),
+    min_size=1,
+    max_size=4,
 )
+
+
+class Clients:
+    """Level2 subscribers of one symbol's groups, joining and leaving as events say."""
+
+    def __init__(self, hub: Hub, levels: list[tuple[int, str]]) -> None:
+        self.hub = hub
+        self.levels = levels
+        self.members: list[tuple[Recorder, int, Subscription]] = []
+        for index, (n, conflation) in enumerate(levels):
+            self._join(n, conflation, f"r{index}")
+
+    def _join(self, n: int, conflation: str, request_id: str) -> None:
+        recorder = Recorder()
+        subscription = level2(n, conflation, request_id=request_id)
+        self.hub.add(subscription, recorder)
+        self.members.append((recorder, n, subscription))
+
+    def act(self, kind: str, ts: int) -> None:
+        """A ``join``, ``leave`` or ``tick`` event; any other kind is not theirs."""
+        if kind == "join":
+            n, conflation = self.levels[ts % len(self.levels)]
+            self._join(n, conflation, f"late{ts}")
+        elif kind == "leave" and len(self.members) > 1:
+            self.hub.remove(self.members.pop(ts % len(self.members))[2])
+        elif kind == "tick":
+            tick_all(self.hub)
+
+    def hold(self, book: OrderBook, conflated_too: bool) -> None:
+        """Each client's book is its top N of ``book`` while depth is up.
+
+        Unconflated clients hold it after every event; conflated ones after
+        their next update. While depth is down there is no book to hold: a
+        newcomer gets none, there being none to trust.
+        """
+        ready = self.hub.symbols[SYMBOL].book_ready
+        for recorder, n, subscription in self.members:
+            if ready and (conflated_too or subscription.interval is None):
+                assert client_book(recorder.messages) == expected(book, n)
+            for message in recorder.messages:
+                assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
+
+
+def uncrossed(
+    bids: list[tuple[float, float]], asks: list[tuple[float, float]]
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Bids below 30, asks above it, as a sane source keeps them."""
+    return [(p, s) for p, s in bids if p < 30], [(p + 30, s) for p, s in asks]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=events, levels=group_levels)
 def test_level2_invariant_holds_for_every_client(
     events: list[tuple[str, list[tuple[float, float]], list[tuple[float, float]]]],
     levels: list[tuple[int, str]],
 ) -> None:
     """Whatever happens upstream, each client's book is its group's top N of the hub's book.
 
-    Unconflated clients hold it after every event; conflated ones after
-    their next update. Clients joining and leaving change the deepest top
-    the hub follows level by level. While depth is down there is no book
-    to hold.
+    Clients joining and leaving change the deepest top the hub follows
+    level by level.
     """
 
     async def run() -> None:
         hub, _, _ = make_hub()
-        clients: list[tuple[Recorder, int, Subscription]] = []
-        for index, (n, conflation) in enumerate(levels):
-            recorder = Recorder()
-            subscription = level2(n, conflation, request_id=f"r{index}")
-            hub.add(subscription, recorder)
-            clients.append((recorder, n, subscription))
-        ts = 1
-        for kind, bids, asks in events:
-            ts += 1
+        clients = Clients(hub, levels)
+        for ts, (kind, bids, asks) in enumerate(events, start=2):
             if kind in ("diff", "snapshot"):
-                # Keep the book uncrossed, as a sane source does.
-                bids = [(p, s) for p, s in bids if p < 30]
-                asks = [(p + 30, s) for p, s in asks]
-                hub.on_event(BookEvent(SYMBOL, ts, kind == "snapshot", bids, asks))
+                hub.on_event(BookEvent(SYMBOL, ts, kind == "snapshot", *uncrossed(bids, asks)))
             elif kind in ("down", "up"):
                 state = StreamState.DISCONNECTED if kind == "down" else StreamState.CONNECTED
                 hub.on_event(StatusEvent(SYMBOL, ts, Stream.DEPTH, state))
-            elif kind == "join":
-                recorder = Recorder()
-                n, conflation = levels[ts % len(levels)]
-                subscription = level2(n, conflation, request_id=f"late{ts}")
-                hub.add(subscription, recorder)
-                clients.append((recorder, n, subscription))
-            elif kind == "leave" and len(clients) > 1:
-                leaving = clients.pop(ts % len(clients))
-                hub.remove(leaving[2])
-            elif kind == "tick":
-                tick_all(hub)
-            symbol = hub.symbols[SYMBOL]
-            # While depth is down a newcomer gets no book: there is none to trust.
-            if symbol.book_ready:
-                for recorder, n, subscription in clients:
-                    if subscription.interval is None:
-                        assert client_book(recorder.messages) == expected(symbol.book, n)
+            clients.act(kind, ts)
+            clients.hold(hub.symbols[SYMBOL].book, conflated_too=False)
         tick_all(hub)
-        symbol = hub.symbols[SYMBOL]
-        for recorder, n, _ in clients:
-            if symbol.book_ready:
-                assert client_book(recorder.messages) == expected(symbol.book, n)
-            for message in recorder.messages:
-                assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
+        clients.hold(hub.symbols[SYMBOL].book, conflated_too=True)
 
     asyncio.run(run())
 
@@ -175,14 +191,7 @@ class PublishingSource:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    events=events,
-    levels=st.lists(
-        st.tuples(st.integers(1, 12), st.sampled_from(["None", "None", "1s"])),
-        min_size=1,
-        max_size=4,
-    ),
-)
+@given(events=events, levels=group_levels)
 def test_a_source_publishing_the_hubs_top_gives_every_client_the_exchanges_top(
     events: list[tuple[str, list[tuple[float, float]], list[tuple[float, float]]]],
     levels: list[tuple[int, str]],
@@ -193,45 +202,21 @@ def test_a_source_publishing_the_hubs_top_gives_every_client_the_exchanges_top(
     async def run() -> None:
         source = PublishingSource(depth=12)
         hub, feed = source.hub, source.feed
-        clients: list[tuple[Recorder, int, Subscription]] = []
-        for index, (n, conflation) in enumerate(levels):
-            recorder = Recorder()
-            subscription = level2(n, conflation, request_id=f"r{index}")
-            hub.add(subscription, recorder)
-            clients.append((recorder, n, subscription))
+        clients = Clients(hub, levels)
         state = hub.symbols[SYMBOL]
         assert state.exact
         for ts, (kind, bids, asks) in enumerate(events):
-            bids = [(p, s) for p, s in bids if p < 30]
-            asks = [(p + 30, s) for p, s in asks]
             if kind == "diff":
-                feed.diff(bids, asks)
+                feed.diff(*uncrossed(bids, asks))
             elif kind == "snapshot":
-                feed.snapshot(bids, asks)
+                feed.snapshot(*uncrossed(bids, asks))
             elif kind == "down":
                 feed.down("test", "gone")
-            elif kind == "join":
-                recorder = Recorder()
-                n, conflation = levels[ts % len(levels)]
-                subscription = level2(n, conflation, request_id=f"late{ts}")
-                hub.add(subscription, recorder)
-                clients.append((recorder, n, subscription))
-            elif kind == "leave" and len(clients) > 1:
-                leaving = clients.pop(ts % len(clients))
-                hub.remove(leaving[2])
-            elif kind == "tick":
-                tick_all(hub)
-            assert source.asked[-1] == state.depth == max(n for _, n, _ in clients)
-            if state.book_ready:
-                for recorder, n, subscription in clients:
-                    if subscription.interval is None:
-                        assert client_book(recorder.messages) == expected(feed.book, n)
+            clients.act(kind, ts)
+            assert source.asked[-1] == state.depth == max(n for _, n, _ in clients.members)
+            clients.hold(feed.book, conflated_too=False)
         tick_all(hub)
-        for recorder, n, _ in clients:
-            if state.book_ready:
-                assert client_book(recorder.messages) == expected(feed.book, n)
-            for message in recorder.messages:
-                assert sum(1 for lv in message["payload"] if lv["side"] == "bid") <= 2 * n
+        clients.hold(feed.book, conflated_too=True)
         feed.stop()
 
     asyncio.run(run())
