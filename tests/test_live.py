@@ -993,18 +993,94 @@ def test_deribit_check_follows_change_ids() -> None:
 
 @contextlib.asynccontextmanager
 async def live_service(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch, code: str, urls: dict[str, Any]
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+    urls: dict[str, Any],
 ) -> AsyncIterator[StreamClient]:
     """The real service streaming ``code`` live from ``urls`` (a mock's), and a client of it."""
+    async with live_clients(data_dir, monkeypatch, code, urls, 1) as (c,):
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def live_clients(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, code: str, urls: dict[str, Any], count: int
+) -> AsyncIterator[tuple[StreamClient, ...]]:
+    """The real service streaming ``code`` live from ``urls``, and ``count`` clients of it."""
     monkeypatch.setenv(LIVE_URLS_ENV, json.dumps({code: urls}))
     running = await asyncio.to_thread(start_service, data_dir, source=f"live:{code}")
     try:
         token = await asyncio.to_thread(running.token)
-        c = await StreamClient.open(running.stream_url, token)
-        yield c
-        await c.close()
+        clients = [await StreamClient.open(running.stream_url, token) for _ in range(count)]
+        yield tuple(clients)
+        for c in clients:
+            await c.close()
     finally:
         await asyncio.to_thread(running.stop)
+
+
+async def follow_top(
+    c: StreamClient,
+    request_id: str,
+    book: dict[tuple[str, float], float],
+    top: Callable[[], tuple[list[Level], list[Level]]],
+) -> None:
+    """Applies ``request_id``'s Level2 messages to ``book`` until it is ``top()``."""
+
+    def wanted() -> dict[tuple[str, float], float]:
+        bids, asks = top()
+        return {("bid", p): s for p, s in bids} | {("ask", p): s for p, s in asks}
+
+    async with asyncio.timeout(10):
+        while book != wanted():
+            message = await c.recv()
+            if message["type"] == "Level2" and message["requestId"] == request_id:
+                apply_level2(book, message)
+
+
+async def test_a_deeper_subscription_gets_the_deeper_top_whole_and_no_one_else_is_disturbed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-process live source publishes the top the gateway serves: a deeper
+    subscription has it send that top, a shallower one none of the levels below."""
+    venue = next(venue for venue in VENUES if venue.code == "BINANCE")
+    mock = venue.mock()
+    mock.set_book(BIDS, ASKS)
+    await mock.start()
+    try:
+        async with live_clients(tmp_path / "data", monkeypatch, "BINANCE", venue.urls(mock), 2) as (
+            first,
+            second,
+        ):
+            shallow = await first.subscribe(
+                venue.symbol, "Level2", numberOfLevels=3, conflation="None"
+            )
+            book3: dict[tuple[str, float], float] = {}
+            await follow_top(first, shallow, book3, lambda: mock.top(3))
+            await mock.update(bids=[(96.0, 9.0)])
+            await mock.update(bids=[(99.0, 4.0)])
+            await follow_top(first, shallow, book3, lambda: mock.top(3))
+            deep = await second.subscribe(
+                venue.symbol, "Level2", numberOfLevels=12, conflation="None"
+            )
+            first_message = await second.wait_for(
+                lambda m: m["requestId"] == deep and bool(m["payload"])
+            )
+            book12: dict[tuple[str, float], float] = {}
+            apply_level2(book12, first_message)
+            bids, asks = mock.top(12)
+            assert book12 == {("bid", p): s for p, s in bids} | {("ask", p): s for p, s in asks}
+            assert (("bid", 96.0), 9.0) in book12.items(), "a change made below the served top"
+            await mock.update(bids=[(99.0, 0.0), (94.5, 7.0)], asks=[(100.0, 0.0)])
+            await follow_top(second, deep, book12, lambda: mock.top(12))
+            await follow_top(first, shallow, book3, lambda: mock.top(3))
+            unsubscribe = await second.send("Unsubscribe", {"subscribeRequestId": deep})
+            assert (await second.response(unsubscribe))["payload"]["code"] == 300
+            await mock.update(bids=[(98.5, 0.0), (98.0, 0.0)], asks=[(100.5, 3.0)])
+            await follow_top(first, shallow, book3, lambda: mock.top(3))
+    finally:
+        await mock.stop()
 
 
 async def test_service_streams_gdax_to_a_level2_client(
