@@ -117,21 +117,6 @@ def test_top_depths() -> None:
         book.top(-1)
 
 
-def test_truncate_keeps_the_best_levels_of_each_side() -> None:
-    book = make_book([(100.0, 1.0), (99.0, 2.0), (98.0, 3.0)], [(101.0, 1.0), (102.0, 2.0)])
-    book.truncate(2)
-    assert book.top(10) == BookView(
-        bids=((100.0, 1.0), (99.0, 2.0)), asks=((101.0, 1.0), (102.0, 2.0))
-    )
-    # What was cut is gone for good: removing a kept level does not bring it back.
-    book.apply_diff([(100.0, 0.0)], [])
-    assert book.top(10).bids == ((99.0, 2.0),)
-    book.truncate(0)
-    assert book.top(10) == EMPTY_VIEW and book.bid_count == book.ask_count == 0
-    with pytest.raises(ValueError, match="depth"):
-        book.truncate(-1)
-
-
 def test_views_do_not_change_with_the_book() -> None:
     book = make_book([(100.0, 1.0)], [(101.0, 1.0)])
     view = book.top(5)

@@ -183,11 +183,11 @@ class PublishingSource:
         self.now += 1
         return self.now
 
-    def publish_depth(self, symbol: str, depth: int) -> bool:
+    def publish_depth(self, symbol: str, depth: int) -> OrderBook:
         assert symbol == SYMBOL
         self.asked.append(depth)
         self.feed.publish(depth)
-        return True
+        return self.feed.book
 
 
 @settings(max_examples=300, deadline=None)
@@ -204,7 +204,7 @@ def test_a_source_publishing_the_hubs_top_gives_every_client_the_exchanges_top(
         hub, feed = source.hub, source.feed
         clients = Clients(hub, levels)
         state = hub.symbols[SYMBOL]
-        assert state.exact
+        assert state.shared and state.book is feed.book
         for ts, (kind, bids, asks) in enumerate(events):
             if kind == "diff":
                 feed.diff(*uncrossed(bids, asks))
@@ -222,35 +222,46 @@ def test_a_source_publishing_the_hubs_top_gives_every_client_the_exchanges_top(
     asyncio.run(run())
 
 
-async def test_a_deeper_subscription_reads_the_deeper_top_and_disturbs_no_one() -> None:
+async def test_a_hub_sharing_the_sources_book_reads_any_top_of_it_at_once() -> None:
     source = PublishingSource(depth=10)
     first = Recorder()
     source.hub.add(level2(2), first)
     assert source.asked == [1, 2]
+    assert source.feed.published == 2
     bids = [(float(100 - i), 1.0) for i in range(8)]
     source.feed.snapshot(bids, [(101.0, 1.0)])
-    state = source.hub.symbols[SYMBOL]
-    assert state.book.top(10).bids == tuple(bids[:2]), "the hub holds the top it serves"
     sent = len(first.messages)
+    source.feed.diff([(96.0, 5.0)], [])
+    assert len(first.messages) == sent, "a change below every client's top is not sent"
     late = Recorder()
     deeper = level2(5, request_id="late")
     source.hub.add(deeper, late)
-    assert source.asked[-1] == 5
-    assert len(first.messages) == sent, "the same book, deeper: nothing to tell the others"
+    assert source.asked[-1] == 5 and source.feed.published == 5
+    assert len(first.messages) == sent, "a deeper top disturbs no one"
     assert client_book(late.messages) == expected(source.feed.book, 5)
     source.feed.diff([(100.0, 0.0)], [])
     for recorder, n in ((first, 2), (late, 5)):
         assert client_book(recorder.messages) == expected(source.feed.book, n)
     source.hub.remove(deeper)
-    assert source.asked[-1] == 2
-    assert state.book.top(10).bids == ((99.0, 1.0), (98.0, 1.0)), "cut back to the top served"
-    # Below the top served the source's changes no longer come; levels kept from
-    # the deeper top would surface stale once the ones above them go.
-    source.feed.diff([(96.0, 0.0), (99.0, 0.0), (98.0, 0.0)], [])
+    assert source.asked[-1] == 2 and source.feed.published == 2
+    source.feed.diff([(95.0, 0.0), (99.0, 0.0), (98.0, 0.0)], [])
     newcomer = Recorder()
     source.hub.add(level2(2, "1s", request_id="new"), newcomer)
     assert client_book(newcomer.messages) == expected(source.feed.book, 2)
     assert client_book(first.messages) == expected(source.feed.book, 2)
+    # A source gone down empties its book: a conflated group waiting to read
+    # it holds what it sent until the next whole book, rather than emptying.
+    shallow = Recorder()
+    source.hub.add(level2(1, "1s", request_id="shallow"), shallow)
+    source.feed.diff([(97.0, 0.0)], [])
+    kept = client_book(shallow.messages)
+    source.feed.down("test", "gone")
+    tick_all(source.hub)
+    assert client_book(shallow.messages) == kept
+    source.feed.snapshot(bids, [(101.0, 1.0)])
+    tick_all(source.hub)
+    assert client_book(shallow.messages) == expected(source.feed.book, 1)
+    source.hub.close()
     source.feed.stop()
 
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 from prometheus_client import REGISTRY
 
-from caspian.book import BookView
+from caspian.book import BookView, OrderBook
 from caspian.codes import StreamState
 from caspian.events import BookEvent, StatusEvent, TradeEvent
 from caspian.sources.live.feed import SymbolFeed
@@ -224,39 +224,27 @@ def test_a_shallower_published_top_sends_its_changes_only() -> None:
     assert client.book.top(5) == feed.book.top(2)
 
 
-def test_a_deeper_published_top_goes_out_whole_at_once() -> None:
+def test_a_deeper_published_top_sends_its_changes_from_the_next_event_on() -> None:
     feed, client, _ = make(depth=5)
     feed.publish(2)
     feed.snapshot(BIDS, ASKS)
     mark = len(client.events)
     feed.publish(4)
-    assert len(client.events) == mark + 1
-    deeper = client.events[-1]
-    assert isinstance(deeper, BookEvent) and deeper.snapshot
-    assert (deeper.bids, deeper.asks) == (BIDS[:4], ASKS[:4])
-    assert client.up(), "the same book, deeper: the streams stay connected"
+    assert len(client.events) == mark, "whoever reads deeper reads the feed's book"
+    feed.diff([(97.0, 3.0)], [])
+    (change,) = client.events[mark:]
+    assert isinstance(change, BookEvent) and change.bids == [(97.0, 3.0)]
     feed.publish(9)
     assert feed.published == 5, "never deeper than the book kept"
-    whole = client.events[-1]
-    assert isinstance(whole, BookEvent) and whole.bids == BIDS[:5]
-    mark = len(client.events)
-    feed.publish(3)
-    assert len(client.events) == mark, "a shallower top needs no snapshot"
 
 
-def test_a_deeper_top_waits_for_the_next_book_while_none_is_served() -> None:
-    feed, client, _ = make(depth=5)
-    feed.publish(1)
-    feed.publish(3)
-    assert client.events == [], "no book yet"
+def test_a_book_handed_in_is_the_one_kept() -> None:
+    book = OrderBook()
+    feed = SymbolFeed("BINANCE", SYMBOL, Client(), depth=5, max_lag_s=2.0, book=book)
     feed.snapshot(BIDS, ASKS)
-    feed.down("test", "gone")
-    mark = len(client.events)
-    feed.publish(5)
-    assert len(client.events) == mark, "a book not trusted is not sent"
-    feed.snapshot(BIDS, ASKS)
-    snapshot = client.events[mark]
-    assert isinstance(snapshot, BookEvent) and snapshot.bids == BIDS[:5]
+    assert book.top(1) == BookView((BIDS[0],), (ASKS[0],))
+    feed.diff([(100.0, 0.0)], [])
+    assert book.best_bid() == BIDS[1], "the book holds each change as it goes out"
 
 
 def test_a_library_kept_top_sends_the_changes_to_the_published_top_only() -> None:

@@ -145,17 +145,6 @@ class OrderBook:
         self._asks = {}
         self._ask_prices = []
 
-    def truncate(self, depth: int) -> None:
-        """Keeps the best ``depth`` levels of each side only."""
-        if depth < 0:
-            raise ValueError(f"a book needs a non-negative depth, not {depth}")
-        if len(self._bid_prices) > depth:
-            self._bid_prices = self._bid_prices[len(self._bid_prices) - depth :]
-            self._bids = {price: self._bids[price] for price in self._bid_prices}
-        if len(self._ask_prices) > depth:
-            self._ask_prices = self._ask_prices[:depth]
-            self._asks = {price: self._asks[price] for price in self._ask_prices}
-
     def top(self, n: int) -> BookView:
         """The best ``n`` levels of each side (fewer when the side is shallower)."""
         if n < 0:

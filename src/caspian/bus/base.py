@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from caspian.book import OrderBook
 from caspian.events import Event
 from caspian.sources.base import EventSink
 
@@ -34,12 +35,12 @@ class Bus(ABC):
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
 
-    def publish_depth(self, symbol: str, depth: int) -> bool:
+    def publish_depth(self, symbol: str, depth: int) -> OrderBook | None:
         """Asks the source for the changes to the top ``depth`` of ``symbol`` only
-        (:meth:`caspian.sources.base.Source.publish_depth`); False when it will not
+        (:meth:`caspian.sources.base.Source.publish_depth`); None when it will not
         be asked, as across processes, where every gateway takes the source's
-        whole top and ranks it for its own clients."""
-        return False
+        top 100 and ranks it for its own clients."""
+        return None
 
     def source_heard(self) -> bool:
         """Whether a source is there to feed this bus (readiness): always, in-process."""

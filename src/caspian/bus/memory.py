@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from caspian.book import OrderBook
 from caspian.bus.base import Bus
 from caspian.events import Event
 from caspian.sources.base import Source
@@ -29,5 +30,5 @@ class MemoryBus(Bus):
     def unwatch(self, symbol: str) -> None:
         self._source.unwatch(symbol)
 
-    def publish_depth(self, symbol: str, depth: int) -> bool:
+    def publish_depth(self, symbol: str, depth: int) -> OrderBook | None:
         return self._source.publish_depth(symbol, depth)

@@ -85,13 +85,11 @@ class SymbolState:
         #: The deepest top-N subscribed, at least 1 so that changes to the
         #: best levels (Level1) are known too.
         self.depth = 1
-        #: Whether the source's book events carry exactly the changes to the
-        #: top ``depth`` (Source.publish_depth), the book then holding that top
-        #: only; otherwise they carry a deeper top's, which the hub ranks.
-        self.exact = False
-        #: Set while the source is asked for a deeper top: the snapshot of it
-        #: that comes meanwhile is the same book, deeper.
-        self.deepening = False
+        #: Whether ``book`` is the source's own (Source.publish_depth), which
+        #: holds each event's changes when it arrives and is only read here;
+        #: the events then carry exactly the changes to its top ``depth``.
+        #: Otherwise the book is the hub's copy of a deeper top, which it ranks.
+        self.shared = False
 
     def deepest(self) -> int:
         return max((group.levels for group in self.level2.values()), default=1)
@@ -233,6 +231,10 @@ class Level2Group(_Group):
     def flush(self) -> bool:
         self.dirty = False
         if self.resync or self.rescan:
+            if not self.state.book_ready:
+                # No book to read while depth is down (a source's shared book may
+                # be empty meanwhile): the next snapshot resyncs the group anyway.
+                return False
             changes = self._read_top(whole=self.resync)
             self.resync = self.rescan = False
         else:
@@ -315,7 +317,7 @@ class Hub:
         watch: Callable[[str], None],
         unwatch: Callable[[str], None],
         unwatch_grace_s: float = 30.0,
-        publish_depth: Callable[[str, int], bool] | None = None,
+        publish_depth: Callable[[str, int], OrderBook | None] | None = None,
     ) -> None:
         """``publish_depth`` asks the source for a symbol's top at the depth the
         hub serves (Source.publish_depth); without it the hub ranks every top itself."""
@@ -347,7 +349,6 @@ class Hub:
             group2 = state.level2.get(key)
             if group2 is None:
                 if subscription.levels > state.depth:
-                    # Before the group takes its first view of the book.
                     self._serve_depth(state, subscription.levels)
                 group2 = state.level2[key] = Level2Group(
                     state, subscription.levels, subscription.interval
@@ -396,19 +397,18 @@ class Hub:
 
     def _serve_depth(self, state: SymbolState, depth: int) -> None:
         """The top ``depth`` of the symbol's book is what its clients need from now on."""
-        deeper = depth > state.depth
         state.depth = depth
         if self._publish_depth is None:
             return
-        state.deepening = deeper
-        try:
-            state.exact = self._publish_depth(state.symbol, depth)
-        finally:
-            state.deepening = False
-        if state.exact:
-            # Levels below the top get no more changes: they must not linger,
-            # to surface in it when a level above them goes.
-            state.book.truncate(depth)
+        book = self._publish_depth(state.symbol, depth)
+        if book is not None:
+            state.book = book
+            state.shared = True
+        elif state.shared:
+            # The source no longer shares its book: a copy starts from its next snapshot.
+            state.book = OrderBook()
+            state.shared = False
+            state.book_ready = False
 
     def _release(self, symbol: str) -> None:
         self._releases.pop(symbol, None)
@@ -449,24 +449,23 @@ class Hub:
         bids: list[Level] = []
         asks: list[Level] = []
         if event.snapshot:
-            book.apply_snapshot(event.bids, event.asks)
-            if state.deepening and state.book_ready:
-                # Every change to the shallower top was applied already: what
-                # the clients hold is right, only new groups read the deeper book.
-                return
+            if not state.shared:
+                book.apply_snapshot(event.bids, event.asks)
             state.book_ready = True
         elif not state.book_ready:
             return
-        elif state.exact:
+        elif state.shared:
+            # The source's book holds these changes already, and they are the
+            # changes to its top ``depth``: no ranking, no copy to keep.
             bids = event.bids
             asks = event.asks
-            book.apply_diff(bids, asks)
         else:
             bids, asks = book.apply_diff_top(event.bids, event.asks, state.depth)
         state.depth_ts = event.ts
         state.depth_exchange_ts = event.exchange_ts
         status_changed = self._set_stream(state, _DEPTH, _CONNECTED)
-        if book.crossed():
+        # A source sharing its book never sends it crossed (SymbolFeed refuses it).
+        if not state.shared and book.crossed():
             log.warning("crossed book for %s from the source", state.symbol)
         top_changed = event.snapshot or bids or asks
         for group in state.level2.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+from caspian.book import OrderBook
 from caspian.events import Event
 
 EventSink = Callable[[Event], None]
@@ -27,18 +28,19 @@ class Source(ABC):
     @abstractmethod
     def unwatch(self, symbol: str) -> None: ...
 
-    def publish_depth(self, symbol: str, depth: int) -> bool:
+    def publish_depth(self, symbol: str, depth: int) -> OrderBook | None:
         """Asks for the changes to the top ``depth`` levels of ``symbol``'s book only.
 
-        True when the source does it: every book event of ``symbol`` after
-        this call then carries exactly those changes (a snapshot: that top),
-        until the next call; and when ``depth`` is deeper than before and the
-        symbol's book is served, its new top went out as a snapshot during
-        the call. False (the default) when its book events stay as they are.
-        A gateway in the same process asks, so that it need not rank the
-        levels again itself.
+        A gateway in the source's process asks, so that it neither ranks the
+        levels again nor keeps a copy of the book. When the source does it,
+        it returns the book it keeps for ``symbol``, for the gateway to read
+        and never to change: every book event of ``symbol`` after this call
+        carries exactly the changes to that book's top ``depth`` (a snapshot
+        marks it whole again), and the book already holds each event's
+        changes when the event arrives. None (the default) when its events
+        stay as they are.
         """
-        return False
+        return None
 
     def unserved(self, symbol: str) -> str | None:
         """Why this source will never have events of ``symbol``; None when it may.

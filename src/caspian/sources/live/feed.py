@@ -6,7 +6,8 @@ them into normalized events by one set of rules:
 
 - a book goes out as a snapshot of its top ``published`` levels (``depth``
   unless a gateway asked for fewer, :meth:`SymbolFeed.publish`), then the
-  three streams ``connected``, then only the changes to that top;
+  three streams ``connected``, then only the changes to that top; the book
+  holds each event's changes by the time the event goes out;
 - a crossed book is never sent: :meth:`SymbolFeed.snapshot`,
   :meth:`SymbolFeed.diff` and :meth:`SymbolFeed.view` raise
   :class:`IntegrityError` (``crossed``) instead, for the client to resync;
@@ -58,6 +59,7 @@ class SymbolFeed:
         depth: int,
         max_lag_s: float,
         clock: Callable[[], int] = now_us,
+        book: OrderBook | None = None,
     ) -> None:
         self.exchange = exchange
         self.symbol = symbol
@@ -70,7 +72,7 @@ class SymbolFeed:
         self._max_lag_us = int(max_lag_s * 1_000_000)
         #: The book as last received, whole for Caspian's own clients, its top
         #: ``depth`` for ccxt's (which keeps the rest itself).
-        self.book = OrderBook()
+        self.book = OrderBook() if book is None else book
         #: Whether a book was received since the last failure.
         self.synced = False
         #: Whether the streams are ``connected`` for clients.
@@ -157,17 +159,8 @@ class SymbolFeed:
         self._set_streams(StreamState.DISCONNECTED)
 
     def publish(self, depth: int) -> None:
-        """From now on the changes to the top ``depth`` (at most ``depth``) go out.
-
-        A deeper top than before goes out whole at once, as a snapshot, when
-        there is a current book to take it from; otherwise the next snapshot,
-        which a book not served as ``connected`` waits for anyway, has it.
-        """
-        depth = min(depth, self.depth)
-        deeper = depth > self.published
-        self.published = depth
-        if deeper and self.synced and self.up and not self._stopped:
-            self._send_top(None)
+        """From the next event on, the changes to the top ``depth`` (at most ``depth``) go out."""
+        self.published = min(depth, self.depth)
 
     def reconnecting(self) -> None:
         """Counts a new upstream attempt after a failure, successful or not."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from caspian.book import OrderBook
 from caspian.sources.base import EventSink, Source
 from caspian.sources.integrity import IntegrityError
 from caspian.sources.live.feed import SymbolFeed
@@ -84,6 +85,9 @@ class LiveSource(Source):
         self._sink: EventSink | None = None
         self._watched: dict[str, ProductSpec] = {}
         self._feeds: dict[str, SymbolFeed] = {}
+        #: Each watched symbol's book, kept across its feed's restarts: a gateway
+        #: in this process reads it (publish_depth).
+        self._books: dict[str, OrderBook] = {}
         #: Watched symbols whose gateway asked for a shallower top than ``depth``.
         self._published: dict[str, int] = {}
         self._clients: dict[str, tuple[ExchangeClient, asyncio.Task[None]]] = {}
@@ -102,17 +106,19 @@ class LiveSource(Source):
             log.debug("not streaming %s: %s is not a live exchange", symbol, spec.exchange)
             return
         self._watched[symbol] = spec
+        self._books[symbol] = OrderBook()
         if self._sink is not None:
             self._start(spec, self._sink)
 
-    def publish_depth(self, symbol: str, depth: int) -> bool:
-        if symbol not in self._watched:
-            return False
+    def publish_depth(self, symbol: str, depth: int) -> OrderBook | None:
+        book = self._books.get(symbol)
+        if book is None:
+            return None
         self._published[symbol] = depth
         feed = self._feeds.get(symbol)
         if feed is not None:
             feed.publish(depth)
-        return True
+        return book
 
     def unserved(self, symbol: str) -> str | None:
         exchange = symbol.rpartition("=")[2]
@@ -125,6 +131,7 @@ class LiveSource(Source):
         if spec is None:
             return
         self._published.pop(symbol, None)
+        del self._books[symbol]
         feed = self._feeds.pop(symbol, None)
         if feed is not None:
             feed.stop()
@@ -149,7 +156,12 @@ class LiveSource(Source):
 
     def _start(self, spec: ProductSpec, sink: EventSink) -> None:
         feed = SymbolFeed(
-            spec.exchange, spec.caspian_code, sink, depth=self.depth, max_lag_s=self.max_lag_s
+            spec.exchange,
+            spec.caspian_code,
+            sink,
+            depth=self.depth,
+            max_lag_s=self.max_lag_s,
+            book=self._books[spec.caspian_code],
         )
         feed.publish(self._published.get(spec.caspian_code, self.depth))
         self._feeds[spec.caspian_code] = feed
