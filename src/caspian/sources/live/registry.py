@@ -31,8 +31,8 @@ with msgspec straight into typed structs (1.2 µs against 4 for ``orjson``
 and converting each level in Python). bench/bench_live.py measures it
 against cryptofeed: the live source alone spends half to two thirds of
 cryptofeed's CPU per event at 10k events/s and takes more events a second;
-the whole service (source, gateway and a Level2 subscriber) 0.96 to 1.06
-times its CPU per event (five runs, 2026-12-03, the same user CPU and more
+the whole service (source, gateway and a Level2 subscriber) 0.91 to 1.05
+times its CPU per event (four runs, 2026-12-03; the same user CPU and more
 system CPU, for writing to its client) and saturates at a higher rate
 (bench/README.md). ccxt remains the source of reference data for all of
 them.
