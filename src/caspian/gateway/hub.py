@@ -404,11 +404,6 @@ class Hub:
         if book is not None:
             state.book = book
             state.shared = True
-        elif state.shared:
-            # The source no longer shares its book: a copy starts from its next snapshot.
-            state.book = OrderBook()
-            state.shared = False
-            state.book_ready = False
 
     def _release(self, symbol: str) -> None:
         self._releases.pop(symbol, None)

@@ -38,7 +38,8 @@ class Source(ABC):
         carries exactly the changes to that book's top ``depth`` (a snapshot
         marks it whole again), and the book already holds each event's
         changes when the event arrives. None (the default) when its events
-        stay as they are.
+        stay as they are. The answer, and the book, stay the same for as long
+        as the symbol is watched.
         """
         return None
 
